@@ -1,0 +1,136 @@
+"""Model registry: one entry point, ``create_model(name, in_chans, num_classes)``.
+
+Every model exposes two named parts so that later stages can treat them apart:
+``features`` (the shared feature extractor) and ``head`` (the classifier layer). Transfer between
+chains moves ``features``; FedPer keeps ``head`` local.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator: make ``fn(in_chans, num_classes, **kw) -> nn.Module`` available by ``name``."""
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Registered model names (``timm:<name>`` works on top of these when timm is installed)."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str = "cnn", in_chans: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:
+    """Build a freshly initialised model (weights depend on the torch RNG state: seed first).
+
+    name: a registered name (``cnn``, ``lenet``) or ``timm:<model>`` for any timm model
+    (``pretrained=False`` always: nothing is downloaded).
+    """
+    if in_chans < 1 or num_classes < 2:
+        raise ValueError(f"need in_chans >= 1 and num_classes >= 2, got {in_chans} and {num_classes}")
+    if name.startswith("timm:"):
+        return _create_timm(name[len("timm:"):], in_chans, num_classes, **kwargs)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()} or 'timm:<name>'")
+    return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, **kwargs)
+
+
+def _conv_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class SmallCNN(nn.Module):
+    """Five 3×3 conv layers with BatchNorm, two max-pools, global average pooling, one hidden
+    linear layer and a linear head: about 106k parameters for 1 channel and 3 classes.
+    Input (B, C, H, W) float, any H, W ≥ 4; output logits (B, num_classes)."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 2, width: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_block(in_chans, w), *_conv_block(w, w), nn.MaxPool2d(2),
+            *_conv_block(w, 2 * w), *_conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv_block(2 * w, 2 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2 * w, 2 * w), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class LeNet(nn.Module):
+    """The sigmoid LeNet of the gradient-inversion literature (DLG, Zhu et al. 2019): smooth
+    activations make gradients twice differentiable, the worst case for privacy.
+    Input (B, C, 28, 28) (any size divisible by 4); output logits (B, num_classes)."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 2, image_size: int = 28):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1), nn.Sigmoid(),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(12 * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model("cnn")
+def _cnn(in_chans: int, num_classes: int, **kw) -> nn.Module:
+    return SmallCNN(in_chans, num_classes, **kw)
+
+
+@register_model("lenet")
+def _lenet(in_chans: int, num_classes: int, **kw) -> nn.Module:
+    return LeNet(in_chans, num_classes, **kw)
+
+
+class _TimmWrapper(nn.Module):
+    """Gives a timm model the ``features`` / ``head`` split the rest of medchain expects."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features = model
+        self.head = model.get_classifier()
+        model.reset_classifier(0)  # the backbone now returns pooled features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _create_timm(name: str, in_chans: int, num_classes: int, **kwargs) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:  # timm needs a torchvision build that matches the installed torch
+        raise RuntimeError(
+            f"model 'timm:{name}' needs the timm package and a torchvision matching torch "
+            f"{torch.__version__} (pip install 'medchain[timm]'): {exc}") from exc
+    if name not in timm.list_models():
+        raise ValueError(f"timm has no model {name!r} (see timm.list_models())")
+    model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)
+    return _TimmWrapper(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(name: str, in_chans: int, num_classes: int, seed: int, **kwargs) -> nn.Module:
+    """create_model with weights drawn from `seed`, without touching the global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, in_chans, num_classes, **kwargs)

@@ -1,0 +1,185 @@
+"""Local training and evaluation, shared by the baselines, the chain protocol, transfer and
+personalization (one training loop for all of them).
+
+Images arrive as uint8 ImageSets and become float32 tensors (N, C, H, W) scaled to [-1, 1].
+Training is deterministic for a given seed, thread count and torch build.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medchain.data.types import ImageSet
+from medchain.metrics import classification_metrics
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. lr follows a cosine decay to lr*lr_floor over the
+    run's steps unless schedule == "constant"."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9          # SGD only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"       # "cosine" or "constant"
+    lr_floor: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose 'cosine' or 'constant'")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {self.epochs}, "
+                             f"{self.batch_size}, {self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) → float32 (N, C, H, W) in [-1, 1]."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.float().div_(127.5).sub_(1.0).contiguous()
+
+
+def cosine_lr(base: float, step: int, total: int, floor: float = 0.01) -> float:
+    """Cosine decay from base (step 0) to base*floor (step total)."""
+    if total <= 0:
+        return base
+    t = min(max(step / total, 0.0), 1.0)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
+                 lr_range: tuple[float, float] | None = None,
+                 anchor: dict[str, torch.Tensor] | None = None, anchor_strength: float = 0.0,
+                 seed: int | None = None, quiet: bool = True, desc: str = "train") -> dict:
+    """Train `model` in place for cfg.epochs epochs over `data` with a fresh optimizer.
+
+    lr_range: (lr at the first step, lr at the last step) with cosine decay between; default
+      (cfg.lr, cfg.lr) — callers that schedule across calls (federated rounds) pass their own.
+    anchor / anchor_strength: adds (strength/2)·Σ‖w − anchor[w]‖² over the named parameters —
+      FedProx's proximal term (anchor = global model) or L2-SP (anchor = a source model).
+    seed: shuffling seed (default cfg.seed). Returns {"loss": mean train loss, "steps": n}.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty ImageSet")
+    seed = cfg.seed if seed is None else seed
+    x, y = to_tensor(data.images), torch.from_numpy(data.labels.astype(np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    lr0, lr1 = lr_range if lr_range is not None else (cfg.lr, cfg.lr)
+    opt = make_optimizer(model.parameters(), cfg)
+    named = dict(model.named_parameters())
+    anchored = [(named[k], v.detach()) for k, v in (anchor or {}).items() if k in named] \
+        if anchor_strength > 0 else []
+    steps_per_epoch = max(1, math.ceil(len(data) / cfg.batch_size))
+    total, step, loss_sum = cfg.epochs * steps_per_epoch, 0, 0.0
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    bar = tqdm(total=total, desc=desc, disable=quiet, leave=False)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            if idx.numel() < 2 and len(data) > 1:
+                continue  # BatchNorm cannot train on a batch of one
+            lr = lr0 if lr0 == lr1 else lr1 + (lr0 - lr1) * 0.5 * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = loss_fn(model(x[idx]), y[idx])
+            if anchored:
+                loss = loss + 0.5 * anchor_strength * sum(((w - a) ** 2).sum() for w, a in anchored)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach())
+            step += 1
+            bar.update(1)
+    bar.close()
+    return {"loss": loss_sum / max(step, 1), "steps": step}
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, data: ImageSet | np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities float64 (N, n_classes) in eval mode (channels_last: ~3× faster on CPU)."""
+    images = data.images if isinstance(data, ImageSet) else data
+    model.eval()
+    mem = model.to(memory_format=torch.channels_last)
+    out = []
+    for start in range(0, len(images), batch_size):
+        xb = to_tensor(images[start:start + batch_size]).to(memory_format=torch.channels_last)
+        out.append(torch.softmax(mem(xb).float(), dim=1).double().numpy())
+    model.to(memory_format=torch.contiguous_format)
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> dict[str, float]:
+    """ACC, balanced ACC, AUC, loss and n of `model` on `data` (see medchain.metrics)."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty ImageSet")
+    return classification_metrics(data.labels, predict_proba(model, data, batch_size))
+
+
+@dataclass
+class FitResult:
+    """Outcome of fit(): the model holds the best-validation weights."""
+
+    model: nn.Module
+    best_epoch: int
+    best_val: dict
+    history: list[dict] = field(default_factory=list)   # one row per epoch
+
+
+def fit(model: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, *,
+        quiet: bool = True, desc: str = "fit", anchor: dict[str, torch.Tensor] | None = None,
+        anchor_strength: float = 0.0) -> FitResult:
+    """Train for cfg.epochs with a cosine schedule over the whole run, evaluate on `val` after each
+    epoch and keep the weights of the best validation accuracy (ties: lower val loss).
+    epochs = 0 returns the model unchanged, scored on val."""
+    best_state, best_key, best_epoch, best_val = None, None, 0, None
+    history = []
+    total = max(cfg.epochs, 1)
+    per_epoch = TrainConfig(**{**cfg.to_dict(), "epochs": 1})
+    if cfg.epochs == 0:
+        best_val = evaluate(model, val)
+    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=quiet, leave=False):
+        if cfg.schedule == "cosine":
+            lr_range = (cosine_lr(cfg.lr, epoch, total, cfg.lr_floor), cosine_lr(cfg.lr, epoch + 1, total, cfg.lr_floor))
+        else:
+            lr_range = (cfg.lr, cfg.lr)
+        stats = train_epochs(model, train, per_epoch, lr_range=lr_range, seed=cfg.seed * 1000 + epoch,
+                             anchor=anchor, anchor_strength=anchor_strength)
+        m = evaluate(model, val)
+        history.append({"epoch": epoch + 1, "lr": lr_range[0], "train_loss": stats["loss"],
+                        **{f"val_{k}": v for k, v in m.items()}})
+        key = (m["acc"], -m["loss"])
+        if best_key is None or key > best_key:
+            best_key, best_epoch, best_val = key, epoch + 1, m
+            best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(model, best_epoch, best_val, history)

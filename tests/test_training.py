@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import toy_images
+from medchain.metrics import auc_score, classification_metrics, majority_rate
+from medchain.models import build_model
+from medchain.training import TrainConfig, cosine_lr, evaluate, fit, to_tensor, train_epochs
+
+
+def test_to_tensor_scales_and_orders_channels():
+    grey = np.array([[[0, 255]]], dtype=np.uint8)            # (1, 1, 2)
+    x = to_tensor(grey)
+    assert x.shape == (1, 1, 1, 2)
+    assert x.flatten().tolist() == [-1.0, 1.0]
+    rgb = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    assert to_tensor(rgb).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(np.zeros((1, 4, 4), dtype=np.float32))
+
+
+def test_metrics_match_hand_computed_values():
+    y = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
+    m = classification_metrics(y, proba)
+    assert m["acc"] == pytest.approx(0.75)
+    assert m["balanced_acc"] == pytest.approx(0.75)
+    assert m["auc"] == pytest.approx(1.0)          # positives all score above negatives
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
+    assert np.isnan(auc_score(np.array([1, 1]), proba[:2]))
+    assert majority_rate(np.array([2, 2, 1]), np.array([2, 1, 1, 1])) == pytest.approx(0.25)
+
+
+def test_multiclass_auc_is_macro_one_vs_rest():
+    y = np.array([0, 1, 2, 2])
+    proba = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    # class 0: scores of positives {0.8} vs negatives {0.1,0.5,0.1} → 1.0; class 1 → 1.0;
+    # class 2: positives {0.4, 0.8} vs negatives {0.1, 0.1} → 1.0
+    assert classification_metrics(y, proba)["auc"] == pytest.approx(1.0)
+    proba[2] = [0.1, 0.5, 0.4]   # class 1 now: positive 0.8 vs {0.1, 0.5, 0.1} still 1.0; class 2 unchanged
+    assert classification_metrics(y, proba)["acc"] == pytest.approx(0.75)
+
+
+def test_fit_learns_a_learnable_problem_and_selects_on_validation():
+    train, val, test = toy_images(400, 0), toy_images(100, 1), toy_images(200, 2)
+    model = build_model("cnn", 1, 2, seed=0)
+    before = evaluate(model, test)["acc"]
+    res = fit(model, train, val, TrainConfig(epochs=3, batch_size=32, lr=3e-3))
+    after = evaluate(model, test)
+    assert after["acc"] >= 0.95 and after["auc"] >= 0.98
+    assert after["acc"] > before
+    assert len(res.history) == 3 and 1 <= res.best_epoch <= 3
+    assert res.best_val["acc"] == pytest.approx(max(h["val_acc"] for h in res.history))
+
+
+def test_training_is_deterministic_by_seed():
+    data = toy_images(200, 0)
+    states = []
+    for seed in (5, 5, 6):
+        model = build_model("cnn", 1, 2, seed=0)
+        train_epochs(model, data, TrainConfig(epochs=1, batch_size=32, seed=seed))
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert not torch.equal(states[0]["head.weight"], states[2]["head.weight"])
+
+
+def test_anchor_term_pulls_weights_toward_the_anchor():
+    data = toy_images(200, 0)
+    anchor_model = build_model("cnn", 1, 2, seed=0)
+    anchor = {k: v.detach().clone() for k, v in anchor_model.named_parameters()}
+    dist = []
+    for strength in (0.0, 100.0):
+        model = build_model("cnn", 1, 2, seed=0)
+        train_epochs(model, data, TrainConfig(epochs=2, batch_size=32, lr=3e-3), anchor=anchor,
+                     anchor_strength=strength)
+        dist.append(sum(float(((p - anchor[k]) ** 2).sum()) for k, p in model.named_parameters()))
+    assert dist[1] < 0.5 * dist[0]
+
+
+def test_cosine_schedule_and_config_validation():
+    assert cosine_lr(1.0, 0, 10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 10, 10, floor=0.01) == pytest.approx(0.01)
+    assert cosine_lr(1.0, 5, 10, floor=0.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="empty"):
+        train_epochs(build_model("cnn", 1, 2, 0), toy_images(0), TrainConfig())
