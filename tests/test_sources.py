@@ -1,0 +1,505 @@
+"""Tests for medchain.data.sources (load_dataset, save_npz, describe) and `medchain data`.
+
+The network is never used: an autouse fixture replaces urllib's urlopen.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import shutil
+import sys
+import types
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medchain.data import (MEDMNIST_FLAGS, Dataset, ImageSet, describe, load_dataset, save_npz)
+from medchain.data import sources
+
+SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+BREAST = SHARED_MEDMNIST / "breastmnist.npz"
+
+needs_breast = pytest.mark.skipif(
+    not BREAST.is_file(),
+    reason=f"real BreastMNIST not found at {BREAST} (only in the development workspace)")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline; `calls` records attempted URLs."""
+    calls: list[str] = []
+
+    def offline(url, *a, **k):
+        calls.append(url)
+        raise urllib.error.URLError("[Errno -2] Name or service not known (tests run offline)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return calls
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    d.mkdir()
+    monkeypatch.setenv("MEDCHAIN_DATA", str(d))
+    return d
+
+
+def breast_in_cache(cache: Path) -> Path:
+    dest = cache / "breastmnist.npz"
+    shutil.copyfile(BREAST, dest)
+    return dest
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_ds(n=(20, 6, 8), k=3, rgb=False, sites=False, seed=0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for m in n:
+        shape = (m, 8, 8, 3) if rgb else (m, 8, 8)
+        parts.append(ImageSet(rng.integers(0, 256, shape, dtype=np.uint8),
+                              np.arange(m, dtype=np.int64) % k,
+                              (np.arange(m, dtype=np.int64) % 2 + 3) if sites else None))
+    return Dataset("toy", *parts, n_classes=k, class_names=[f"class {i}" for i in range(k)],
+                   source="test")
+
+
+def good_arrays(n=(6, 3, 3)) -> dict[str, np.ndarray]:
+    out = {}
+    for s, m in zip(("train", "val", "test"), n):
+        out[f"{s}_images"] = np.zeros((m, 5, 5), np.uint8)
+        out[f"{s}_labels"] = (np.arange(m) % 2).astype(np.uint8).reshape(m, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- MedMNIST table
+def test_medmnist_table():
+    for flag in ("pneumoniamnist", "breastmnist", "dermamnist", "bloodmnist", "organamnist",
+                 "organcmnist", "organsmnist", "octmnist", "retinamnist", "pathmnist",
+                 "tissuemnist"):
+        assert flag in MEDMNIST_FLAGS
+        info = sources.MEDMNIST_INFO[flag]
+        assert len(info["md5"]) == 32 and int(info["md5"], 16) >= 0
+        assert info["url"] == f"https://zenodo.org/records/10519652/files/{flag}.npz?download=1"
+    assert "chestmnist" not in MEDMNIST_FLAGS
+    assert sources.MEDMNIST_INFO["breastmnist"]["md5"] == "750601b1f35ba3300ea97c75c52ff8f6"
+    assert len(sources.MEDMNIST_INFO["pathmnist"]["label"]) == 9
+
+
+# ----------------------------------------------------------------------------- cache and download
+@needs_breast
+def test_flag_from_cache_with_matching_md5_uses_no_network(cache, monkeypatch, no_network):
+    dest = breast_in_cache(cache)
+    monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5", md5(dest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset("breastmnist")
+    assert no_network == []
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (546, 78, 156)
+    assert ds.n_classes == 2 and ds.class_names == ["malignant", "normal, benign"]
+    assert ds.source == "medmnist:breastmnist" and ds.image_shape == (28, 28)
+    assert ds.train.labels.dtype == np.int64 and ds.train.labels.shape == (546,)
+    assert ds.train.images.dtype == np.uint8 and ds.train.site is None
+    same = load_dataset("medmnist:BreastMNIST", cache_dir=cache)
+    assert np.array_equal(same.test.images, ds.test.images)
+
+
+@needs_breast
+def test_cached_copy_with_other_md5_loads_with_a_warning(cache, no_network):
+    breast_in_cache(cache)  # this copy was re-saved: its MD5 is not the official one
+    with pytest.warns(UserWarning, match="MD5 differs from the official"):
+        ds = load_dataset("breastmnist")
+    assert len(ds.train) == 546 and no_network == []
+
+
+@needs_breast
+def test_truncated_cached_file_is_reported_corrupt(cache, no_network):
+    (cache / "breastmnist.npz").write_bytes(BREAST.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match=r"(?s)is corrupt.*Delete it.*MEDCHAIN_DATA"):
+        load_dataset("breastmnist")
+    assert no_network == []
+
+
+def test_empty_cache_offline_fails_fast_with_instructions(cache, no_network):
+    with pytest.raises(ConnectionError) as err:
+        load_dataset("pneumoniamnist")
+    msg = str(err.value)
+    info = sources.MEDMNIST_INFO["pneumoniamnist"]
+    for phrase in (info["url"], "pneumoniamnist.npz", info["md5"], str(cache), "MEDCHAIN_DATA",
+                   "offline"):
+        assert phrase in msg
+    assert no_network == [info["url"]]
+    assert list(cache.iterdir()) == []  # nothing partial left behind
+
+
+def test_no_download_raises_file_not_found(cache, no_network):
+    with pytest.raises(FileNotFoundError, match=r"(?s)download=False.*zenodo"):
+        load_dataset("octmnist", download=False)
+    assert no_network == []
+
+
+@needs_breast
+def test_download_verifies_md5_and_renames_atomically(cache, monkeypatch, no_network):
+    data = BREAST.read_bytes()
+    monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
+                        hashlib.md5(data).hexdigest())
+    got = []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: got.append((url, timeout)) or io.BytesIO(data))
+    ds = load_dataset("breastmnist")
+    assert len(ds.test) == 156 and len(got) == 1 and got[0][1] is not None
+    assert [p.name for p in cache.iterdir()] == ["breastmnist.npz"]
+    load_dataset("breastmnist")  # second time: from the cache
+    assert len(got) == 1
+
+
+def test_download_with_wrong_md5_is_discarded(cache, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: io.BytesIO(b"not the data set"))
+    with pytest.raises(RuntimeError, match="has MD5 .* expected 750601b1f35ba3300ea97c75c52ff8f6"):
+        load_dataset("breastmnist")
+    assert list(cache.iterdir()) == []
+
+
+def test_download_broken_mid_transfer_leaves_nothing(cache, monkeypatch):
+    class Broken(io.BytesIO):
+        def read(self, *a):
+            if self.tell() > 0:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(4)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Broken(b"x" * 64))
+    with pytest.raises(ConnectionError, match="connection reset"):
+        load_dataset("breastmnist")
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("source, exc, phrase", [
+    ("chestmnist", ValueError, "multi-label"),
+    ("medmnist:chestmnist", ValueError, "multi-label"),
+    ("organmnist3d", ValueError, "3D"),
+    ("medmnist:fakemnist", ValueError, "unknown MedMNIST flag"),
+    ("no-such-source", ValueError, "unknown data source"),
+    ("missing/file.npz", FileNotFoundError, "not found"),
+    ("", ValueError, "non-empty"),
+])
+def test_bad_sources(source, exc, phrase, cache):
+    with pytest.raises(exc, match=phrase):
+        load_dataset(source)
+
+
+def test_medmnist_only_at_28(cache):
+    with pytest.raises(ValueError, match="28"):
+        load_dataset("breastmnist", image_size=64)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDCHAIN_DATA", str(tmp_path / "x"))
+    assert sources.default_cache_dir() == tmp_path / "x"
+    assert sources.medmnist_path("dermamnist") == tmp_path / "x" / "dermamnist.npz"
+    monkeypatch.delenv("MEDCHAIN_DATA")
+    repo = Path(sources.__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        assert sources.default_cache_dir() == repo / "data"
+
+
+# ----------------------------------------------------------------------------- local npz
+@needs_breast
+def test_local_npz_path_keeps_1d_labels_and_official_names():
+    ds = load_dataset(BREAST)
+    assert ds.n_classes == 2 and ds.class_names[0] == "malignant"
+    assert ds.name == "breastmnist" and ds.source == str(BREAST.resolve())
+
+
+@pytest.mark.parametrize("rgb, sites", [(False, False), (True, True)])
+def test_save_npz_round_trip(tmp_path, rgb, sites):
+    ds = make_ds(rgb=rgb, sites=sites)
+    out = save_npz(ds, tmp_path / "sub" / "toy")  # suffix added, folder created
+    assert out == tmp_path / "sub" / "toy.npz"
+    assert [p.name for p in out.parent.iterdir()] == ["toy.npz"]
+    back = load_dataset(out)
+    for s in ("train", "val", "test"):
+        a, b = getattr(ds, s), getattr(back, s)
+        assert np.array_equal(a.images, b.images) and a.images.dtype == b.images.dtype
+        assert np.array_equal(a.labels, b.labels) and b.labels.dtype == np.int64
+        if sites:
+            assert np.array_equal(a.site, b.site) and b.site.dtype == np.int64
+        else:
+            assert b.site is None
+    assert (back.n_classes, back.class_names, back.name) == (3, ds.class_names, "toy")
+    assert back.n_channels == (3 if rgb else 1)
+
+
+def test_save_npz_keeps_n_classes_beyond_max_label(tmp_path):
+    ds = make_ds(k=2)
+    ds.n_classes, ds.class_names = 4, ["a", "b", "c", "d"]
+    assert load_dataset(save_npz(ds, tmp_path / "x.npz")).n_classes == 4
+
+
+def test_npz_accepts_column_labels_and_single_channel_axis(tmp_path):
+    arr = good_arrays()
+    arr["train_images"] = arr["train_images"][..., None]  # (N, H, W, 1) -> (N, H, W)
+    arr["val_labels"] = arr["val_labels"].astype(np.float32)  # integral floats are fine
+    np.savez(tmp_path / "d.npz", **arr)
+    ds = load_dataset(tmp_path / "d.npz")
+    assert ds.train.images.shape == (6, 5, 5) and ds.val.labels.dtype == np.int64
+    assert ds.n_classes == 2 and ds.class_names == ["0", "1"]
+
+
+def _bad(mutate):
+    def build(path: Path):
+        arr = good_arrays()
+        mutate(arr)
+        np.savez(path, **arr)
+    return build
+
+
+def _write_bytes(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
+def _truncated(path: Path):
+    _bad(lambda a: None)(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _pickled(path: Path):
+    arr = good_arrays()
+    arr["train_labels"] = np.array([{"a": 1}] * 6, dtype=object)
+    np.savez(path, **arr)
+
+
+def _single_npy(path: Path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((3, 5, 5), np.uint8))
+
+
+def _bad_zip_member(path: Path):
+    _bad(lambda a: None)(path)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("extra.npy", b"garbage")
+
+
+@pytest.mark.parametrize("build, phrase", [
+    (_truncated, "corrupt, truncated"),
+    (_write_bytes(b"hello, not a zip file at all"), "cannot read it as an .npz"),
+    (_pickled, "pickled"),
+    (_single_npy, "single array"),
+    (_bad_zip_member, r"member\(s\) extra of the archive are not .npy arrays"),
+    (_bad(lambda a: a.pop("val_labels")), "missing key.*val_labels"),
+    (_bad(lambda a: a.update(train_images=np.zeros((6, 5, 5), np.float32))),
+     r"must be uint8, got dtype float32.*astype\(np.uint8\)"),
+    (_bad(lambda a: a.update(train_images=np.zeros((6, 5, 5), np.int16))), "must be uint8"),
+    (_bad(lambda a: a.update(train_images=np.zeros((6, 5, 5, 2), np.uint8))),
+     r"shape \(N, H, W\).*\(6, 5, 5, 2\)"),
+    (_bad(lambda a: a.update(train_images=np.zeros((6, 25), np.uint8))), "must have shape"),
+    (_bad(lambda a: a.update(test_images=np.zeros((3, 6, 6), np.uint8))), "differ in shape"),
+    (_bad(lambda a: a.update(train_labels=np.zeros(5, np.int64))), "6 images but 5 labels"),
+    (_bad(lambda a: a.update(train_labels=np.array([0, 1, 0.5, 1, 0, 1]))), "non-integer"),
+    (_bad(lambda a: a.update(train_labels=np.array([0, 1, -1, 1, 0, 1]))), "non-negative"),
+    (_bad(lambda a: a.update(train_labels=np.array(["a"] * 6))), "must be integers"),
+    (_bad(lambda a: a.update(train_labels=np.zeros((6, 3), np.uint8))), "multi-label"),
+    (_bad(lambda a: a.update(n_classes=np.int64(2), test_labels=np.array([0, 1, 2]))),
+     "label 2, out of range for n_classes=2"),
+    (_bad(lambda a: a.update(class_names=np.array(["a", "b", "c"]))), "class_names"),
+    (_bad(lambda a: a.update(train_site=np.zeros(6, np.int64))), "all splits or none"),
+    (_bad(lambda a: a.update(**{f"{s}_images": np.zeros((0, 5, 5), np.uint8) for s in
+                                ("train", "val", "test")},
+                             **{f"{s}_labels": np.zeros(0, np.int64) for s in
+                                ("train", "val", "test")})), "empty"),
+    (_bad(lambda a: a.update(val_images=np.zeros((0, 5, 5), np.uint8),
+                             val_labels=np.zeros(0, np.int64))), "the val split is empty"),
+])
+def test_bad_npz_files(tmp_path, build, phrase):
+    path = tmp_path / "bad.npz"
+    build(path)
+    with pytest.raises(ValueError, match=phrase) as err:
+        load_dataset(path)
+    assert str(path) in str(err.value)
+
+
+def test_save_npz_refuses_invalid_data(tmp_path):
+    ds = make_ds()
+    ds.train.images = ds.train.images.astype(np.float32)
+    with pytest.raises(ValueError, match="uint8"):
+        save_npz(ds, tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+
+
+# ----------------------------------------------------------------------------- image folders
+def _png(path: Path, value: int = 128, size=(40, 30), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "RGB":
+        Image.new("RGB", size, (value, 255 - value, 20)).save(path)
+    elif mode == "I;16":
+        Image.fromarray(np.full(size[::-1], value * 257, np.uint16)).save(path)
+    else:
+        Image.new(mode, size, value).save(path)
+
+
+def _class_folder(root: Path, counts: dict[str, int], mode="L"):
+    for cls, n in counts.items():
+        for i in range(n):
+            _png(root / cls / f"img{i}.png", value=10 * i % 250, mode=mode)
+
+
+def test_folder_without_splits_is_split_70_10_20_stratified(tmp_path):
+    _class_folder(tmp_path / "imgs", {"benign": 20, "malignant": 10})
+    ds = load_dataset(tmp_path / "imgs", image_size=16)
+    assert ds.class_names == ["benign", "malignant"] and ds.n_classes == 2
+    assert ds.image_shape == (16, 16) and ds.n_channels == 1
+    assert [np.bincount(getattr(ds, s).labels).tolist() for s in ("train", "val", "test")] \
+        == [[14, 7], [2, 1], [4, 2]]
+    again = load_dataset(tmp_path / "imgs", image_size=16)
+    assert np.array_equal(ds.test.images, again.test.images)
+    assert ds.source == str((tmp_path / "imgs").resolve()) and ds.name == "imgs"
+
+
+def test_folder_with_split_level_and_colour(tmp_path):
+    root = tmp_path / "own"
+    for s, n in (("train", 3), ("val", 1), ("test", 2)):
+        _class_folder(root / s, {"a": n, "b": n})
+    _png(root / "train" / "b" / "colour.jpg", value=200, mode="RGB")
+    (root / "train" / "a" / "notes.txt").write_text("ignored")
+    ds = load_dataset(root)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (7, 2, 4)
+    assert ds.image_shape == (28, 28, 3)  # one colour image makes the whole set RGB
+    grey = ds.test.images
+    assert (grey[..., 0] == grey[..., 1]).all()
+
+
+def test_folder_grey_saved_as_rgb_and_16_bit_stay_grey(tmp_path):
+    root = tmp_path / "f"
+    _png(root / "x" / "a.png", value=100, mode="L")
+    _png(root / "x" / "b.png", value=100, mode="I;16")
+    Image.new("RGB", (20, 20), (50, 50, 50)).save(root / "x" / "c.png")
+    for i in range(7):
+        _png(root / "y" / f"{i}.png", value=30)
+    ds = load_dataset(root)
+    assert ds.n_channels == 1
+    allimg = np.concatenate([ds.train.images, ds.val.images, ds.test.images])
+    assert set(np.unique(allimg)) <= {30, 50, 100}
+
+
+@pytest.mark.parametrize("setup, phrase", [
+    (lambda r: (r / "a").mkdir(parents=True), "empty class folder"),
+    (lambda r: (r / "a").mkdir(parents=True) or (r / "a" / "x.png").write_bytes(b"no png"),
+     "cannot read image"),
+    (lambda r: r.mkdir(), "no class sub-folders"),
+    (lambda r: [_class_folder(r / s, {"a": 2}) for s in ("train", "test")], "not val"),
+    (lambda r: _class_folder(r, {"a": 2, "b": 1}), "too few"),
+])
+def test_bad_folders(tmp_path, setup, phrase):
+    root = tmp_path / "root"
+    setup(root)
+    if phrase == "empty class folder":
+        _class_folder(root, {"b": 10})
+    with pytest.raises(ValueError, match=phrase):
+        load_dataset(root)
+
+
+# ----------------------------------------------------------------------------- describe
+def test_describe_counts():
+    ds = make_ds(sites=True)
+    df = describe(ds)
+    assert list(df.columns) == ["class", "train", "val", "test", "total"]
+    assert df["class"].tolist() == ["class 0", "class 1", "class 2"]
+    assert df["total"].sum() == 34 and df.loc[0, "train"] == 7
+    by_site = describe(ds, by="site")
+    assert by_site.index.tolist() == [3, 4] and by_site["total"].sum() == 34
+    with pytest.raises(ValueError, match="no site ids"):
+        describe(make_ds(), by="site")
+
+
+# ----------------------------------------------------------------------------- simulated
+@pytest.fixture
+def fake_simulator(monkeypatch):
+    calls = []
+
+    def simulate_ct(n=10000, sites=5, seed=0, *, size=28, site_offset=0, class_probs=None,
+                    split=(0.7, 0.1, 0.2), progress=False):
+        calls.append(dict(n=n, sites=sites, seed=seed, size=size, site_offset=site_offset,
+                          class_probs=class_probs, split=split, progress=progress))
+        ds = make_ds(sites=True)
+        ds.source = ""
+        return ds
+
+    mod = types.ModuleType("medchain.data.simulate")
+    mod.simulate_ct = simulate_ct
+    monkeypatch.setitem(sys.modules, "medchain.data.simulate", mod)
+    return calls
+
+
+def test_simulated_source_options(fake_simulator):
+    ds = load_dataset("simulated:n=2000, sites=4,seed=3,site-offset=5,split=0.6/0.2/0.2",
+                      image_size=32)
+    assert fake_simulator[-1] == dict(n=2000, sites=4, seed=3, size=32, site_offset=5,
+                                      class_probs=None, split=(0.6, 0.2, 0.2), progress=False)
+    assert ds.source.startswith("simulated:n=2000")
+    load_dataset("simulated")
+    assert fake_simulator[-1]["n"] == 10000 and fake_simulator[-1]["size"] == 28
+    with pytest.raises(ValueError, match="unknown option.*colour"):
+        load_dataset("simulated:colour=1")
+    with pytest.raises(ValueError, match="k=v pairs"):
+        load_dataset("simulated:n")
+    with pytest.raises(ValueError, match="given twice"):
+        load_dataset("simulated:n=1,n=2")
+
+
+def test_simulated_source_real_simulator():
+    pytest.importorskip("medchain.data.simulate")
+    ds = load_dataset("simulated:n=60,sites=2,seed=1")
+    assert ds.train.site is not None and ds.n_classes == 3
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 60
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli(argv):
+    from medchain.cli import data as cli_data
+
+    parser = argparse.ArgumentParser(prog="medchain")
+    cli_data.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_info_and_simulate(tmp_path, capsys, fake_simulator):
+    path = save_npz(make_ds(sites=True), tmp_path / "toy.npz")
+    assert _cli(["data", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for phrase in ("n_classes:  3", "8x8 uint8, 1 channel", "class 2", str(path.resolve()), "site"):
+        assert phrase in out
+    assert _cli(["data", "simulate", "--n", "50", "--sites", "2", "--seed", "7",
+                 "--site-offset", "3", "--out", str(tmp_path / "sim.npz"), "--quiet"]) == 0
+    assert fake_simulator[-1]["n"] == 50 and fake_simulator[-1]["site_offset"] == 3
+    assert "wrote" in capsys.readouterr().out
+    assert load_dataset(tmp_path / "sim.npz").train.site is not None
+
+
+def test_cli_info_offline_error_is_clear(cache):
+    with pytest.raises(ConnectionError, match="MEDCHAIN_DATA"):
+        _cli(["data", "info", "dermamnist"])
+    with pytest.raises(FileNotFoundError, match="download=False"):
+        _cli(["data", "info", "dermamnist", "--no-download"])
+
+
+def test_importing_medchain_data_does_not_import_the_simulator():
+    import subprocess
+
+    code = ("import sys, medchain.data as d; "
+            "assert 'medchain.data.simulate' not in sys.modules; "
+            "assert 'simulate_ct' in d.__all__; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
