@@ -1,0 +1,31 @@
+"""Chain client of medchain: connect to a chain, deploy and use the TaskLedger contract.
+
+* :func:`connect` — the embedded eth-tester chain (default) or any JSON-RPC node by URL.
+* :func:`deploy_ledger`, :class:`LedgerClient` — the task ledger (contracts/TaskLedger.sol).
+* :func:`embedded_accounts`, :func:`key_from_env`, :func:`dev_accounts` — signing accounts.
+* :func:`chain_identity`, :func:`final_block_hash` — what to record next to a result.
+* :mod:`medchain.chain.anvil` — local anvil nodes (tests, ``medchain chain up``).
+
+Refusals by the contract raise :class:`LedgerError` subclasses (see :mod:`medchain.chain.errors`).
+"""
+from .accounts import ANVIL_DEV_KEYS, derived_account, dev_accounts, embedded_accounts, fund, key_from_env
+from .artifacts import load_artifact
+from .connection import chain_identity, connect, final_block_hash, is_embedded, redact_url
+from .errors import (AlreadyAttested, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
+                     FutureRound, InsufficientFunds, InvalidMember, InvalidTask, LedgerError, LedgerTimeout, NoDeadline,
+                     NotAdmin, NotAMember, NotStarted, PayloadTooLarge, QuorumNotReached, RoundClosed,
+                     RoundNotClosed, TaskFinished, TransactionReverted, ZeroDigest)
+from .ledger import (Attestation, LedgerClient, RoundInfo, TaskInfo, Update, canonical_params,
+                     deploy_ledger)
+from .tx import advance_blocks, calldata_floor_gas, send_transaction
+
+__all__ = [
+    "connect", "is_embedded", "redact_url", "chain_identity", "final_block_hash",
+    "embedded_accounts", "key_from_env", "dev_accounts", "derived_account", "fund", "ANVIL_DEV_KEYS",
+    "load_artifact", "deploy_ledger", "LedgerClient", "TaskInfo", "Update", "Attestation", "RoundInfo",
+    "canonical_params", "calldata_floor_gas", "advance_blocks", "send_transaction",
+    "LedgerError", "InsufficientFunds", "TransactionReverted", "LedgerTimeout", "PayloadTooLarge", "NotAdmin", "NotAMember",
+    "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted", "TaskFinished", "FutureRound",
+    "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline", "DeadlineNotPassed",
+    "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask",
+]

@@ -1,0 +1,235 @@
+"""Local anvil nodes (Foundry's development node): one node = one chain.
+
+The binary comes from the pinned npm package (``contracts/package.json``: ``@foundry-rs/anvil``,
+whose optional dependency ``@foundry-rs/anvil-linux-amd64`` ships it); ``npm install`` in
+``contracts/`` puts it at ``contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil``. The
+``MEDCHAIN_ANVIL`` environment variable, then ``PATH``, are tried too.
+
+Example::
+
+    with AnvilNode(chain_id=7001) as node:
+        w3 = connect(node.url)
+        admin = Account.from_key(node.dev_keys[0])
+
+medchain only uses standard JSON-RPC methods on these nodes, so the same code runs against geth,
+Besu or any other node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from pathlib import Path
+
+from .accounts import ANVIL_DEV_KEYS
+
+__all__ = ["AnvilNode", "start_nodes", "find_anvil", "AnvilNotFound", "REPO_ROOT"]
+
+log = logging.getLogger("medchain.chain")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_PLATFORM_PACKAGES = {
+    ("Linux", "x86_64"): "anvil-linux-amd64",
+    ("Linux", "aarch64"): "anvil-linux-arm64",
+    ("Darwin", "x86_64"): "anvil-darwin-amd64",
+    ("Darwin", "arm64"): "anvil-darwin-arm64",
+}
+
+
+class AnvilNotFound(FileNotFoundError):
+    """The anvil binary is not installed."""
+
+
+def _npm_binary() -> Path:
+    pkg = _PLATFORM_PACKAGES.get((platform.system(), platform.machine()), "anvil-linux-amd64")
+    return REPO_ROOT / "contracts" / "node_modules" / "@foundry-rs" / pkg / "bin" / "anvil"
+
+
+def find_anvil() -> Path:
+    """Path of the anvil binary: ``$MEDCHAIN_ANVIL``, the npm package in contracts/, then PATH."""
+    env = os.environ.get("MEDCHAIN_ANVIL")
+    if env:
+        p = Path(env)
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+        raise AnvilNotFound(f"MEDCHAIN_ANVIL={env} is not an executable file")
+    npm = _npm_binary()
+    if npm.is_file() and os.access(npm, os.X_OK):
+        return npm
+    which = shutil.which("anvil")
+    if which:
+        return Path(which)
+    raise AnvilNotFound(
+        f"anvil binary not found (looked at $MEDCHAIN_ANVIL, {npm} and PATH). Install the pinned "
+        "version with `npm install` in contracts/ (do not pass --omit=optional: the binary ships in "
+        "the optional package @foundry-rs/anvil-linux-amd64), or set MEDCHAIN_ANVIL to an anvil binary.")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rpc(url: str, method: str, params: list | None = None, timeout: float = 2.0):
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = json.loads(resp.read())
+    if "error" in out:
+        raise RuntimeError(f"{method}: {out['error']}")
+    return out["result"]
+
+
+def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop anvil with SIGINT (it then writes its --state file) and wait; kill if it hangs."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    except (ProcessLookupError, OSError):  # pragma: no cover - already gone
+        pass
+
+
+class AnvilNode:
+    """An anvil process serving one chain on ``127.0.0.1:port`` (a free port if None).
+
+    ``state_file``: load the chain from this JSON file if it exists and write it back when the
+    node stops (anvil ``--state``), so a stopped and restarted node keeps its blocks and contracts.
+    Use as a context manager, or call :meth:`start` / :meth:`stop`; the process is also stopped on
+    garbage collection and at interpreter exit.
+    """
+
+    def __init__(self, chain_id: int = 31337, port: int | None = None,
+                 state_file: str | os.PathLike | None = None, *, host: str = "127.0.0.1",
+                 block_time: float | None = None, extra_args: list[str] | None = None,
+                 startup_timeout: float = 15.0):
+        self.chain_id = int(chain_id)
+        self.requested_port = port
+        self.port: int | None = None
+        self.host = host
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.block_time = block_time
+        self.extra_args = list(extra_args or [])
+        self.startup_timeout = startup_timeout
+        self.dev_keys: tuple[str, ...] = ANVIL_DEV_KEYS
+        self._proc: subprocess.Popen | None = None
+        self._finalizer = None
+        self._err_file = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the anvil node is not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __repr__(self) -> str:
+        where = self.url if self.port else "not started"
+        return f"AnvilNode(chain_id={self.chain_id}, {where})"
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "AnvilNode":
+        if self.running:
+            return self
+        binary = find_anvil()
+        attempts = 1 if self.requested_port else 3
+        last_err = ""
+        for _ in range(attempts):
+            port = self.requested_port or _free_port()
+            cmd = [str(binary), "--host", self.host, "--port", str(port), "--chain-id", str(self.chain_id),
+                   "--silent"]
+            if self.state_file is not None:
+                self.state_file.parent.mkdir(parents=True, exist_ok=True)
+                cmd += ["--state", str(self.state_file)]
+            if self.block_time:
+                cmd += ["--block-time", str(self.block_time)]
+            cmd += self.extra_args
+            # stderr goes to a file (a pipe nobody reads could fill up and block the node).
+            err_file = tempfile.TemporaryFile()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err_file, start_new_session=True)
+            url = f"http://{self.host}:{port}"
+            t_end = time.monotonic() + self.startup_timeout
+            while time.monotonic() < t_end:
+                if proc.poll() is not None:
+                    err_file.seek(0)
+                    last_err = err_file.read().decode(errors="replace").strip()[-2000:]
+                    err_file.close()
+                    break
+                try:
+                    cid = int(_rpc(url, "eth_chainId", timeout=1.0), 16)
+                except (OSError, urllib.error.URLError, ValueError, RuntimeError):
+                    time.sleep(0.05)
+                    continue
+                if cid != self.chain_id:
+                    _terminate(proc)
+                    raise RuntimeError(f"anvil on port {port} reports chain id {cid}, expected "
+                                       f"{self.chain_id} (is another node using that port?)")
+                self._proc, self.port, self._err_file = proc, port, err_file
+                self._finalizer = weakref.finalize(self, _terminate, proc)
+                log.info("anvil chain %d at %s (pid %d)", self.chain_id, url, proc.pid)
+                return self
+            else:
+                _terminate(proc)
+                err_file.close()
+                last_err = f"no answer on {url} within {self.startup_timeout:.0f} s"
+        raise RuntimeError(f"anvil (chain id {self.chain_id}) failed to start: {last_err or 'unknown error'}")
+
+    def stop(self) -> None:
+        """Stop the node (writing its state file, if any)."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs _terminate once
+            self._finalizer = None
+        if self._err_file is not None:
+            self._err_file.close()
+            self._err_file = None
+        self._proc = None
+        self.port = None if self.requested_port is None else self.port
+
+    def __enter__(self) -> "AnvilNode":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_nodes(n: int, base_chain_id: int = 31337, *, state_dir: str | os.PathLike | None = None,
+                **kwargs) -> list[AnvilNode]:
+    """Start ``n`` anvil nodes with chain ids ``base_chain_id``, ``base_chain_id + 1``, ... on free
+    ports (state files ``<state_dir>/chain-<id>.json`` if ``state_dir``). Stops the ones already
+    started if one fails."""
+    nodes: list[AnvilNode] = []
+    try:
+        for i in range(n):
+            cid = base_chain_id + i
+            state = Path(state_dir) / f"chain-{cid}.json" if state_dir is not None else None
+            nodes.append(AnvilNode(cid, state_file=state, **kwargs).start())
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+

@@ -1,0 +1,423 @@
+"""Typed client of the TaskLedger contract (contracts/TaskLedger.sol).
+
+One ledger = one collaborative task on one chain. The admin deploys it
+(:func:`deploy_ledger`), adds members, and starts it; members submit one update per round
+(:meth:`LedgerClient.submit_update`), read a round's updates back in chain order
+(:meth:`LedgerClient.updates`) and attest the digest of the global model they computed
+(:meth:`LedgerClient.attest`). The rules are in contracts/README.md.
+
+Reading a round's updates queries ``eth_getLogs`` over the bounded block range
+``[roundOpenBlock(r), roundCloseBlock(r) or latest]`` only: a whole-chain log query on the embedded
+chain grows roughly quadratically with the chain length.
+
+Example::
+
+    from medchain.chain import connect, embedded_accounts, deploy_ledger, LedgerClient
+    w3 = connect()                       # embedded chain
+    admin, a, b = embedded_accounts(w3)[:3]
+    ledger = deploy_ledger(w3, admin, "cnn-small", initial_digest, n_rounds=3, params={"theta_u": 0.1})
+    ledger.add_member(a.address); ledger.add_member(b.address); ledger.start()
+    LedgerClient(w3, ledger.address, a).submit_update(0, digest, n_values, n_samples, payload)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from web3 import Web3
+
+from .artifacts import load_artifact
+from .connection import node_label, with_retries
+from .errors import LedgerError, LedgerTimeout, RevertDecoder, _canonical_type
+from .tx import call, send_transaction, wait_for_receipt
+
+__all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo", "LedgerClient", "deploy_ledger",
+           "canonical_params", "CONTRACT_NAME"]
+
+log = logging.getLogger("medchain.chain")
+
+CONTRACT_NAME = "TaskLedger"
+
+
+def canonical_params(params: Mapping[str, Any]) -> str:
+    """The canonical JSON text of task ``params`` (sorted keys, no spaces, UTF-8)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _digest32(value: bytes | str, what: str = "digest") -> bytes:
+    if isinstance(value, str):
+        text = value[2:] if value.startswith("0x") else value
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            raise ValueError(f"{what} must be 32 bytes or 64 hex digits, got {value[:20]!r}…") from None
+    value = bytes(value)
+    if len(value) != 32:
+        raise ValueError(f"{what} must be 32 bytes (a sha256 digest), got {len(value)} bytes")
+    return value
+
+
+def _uint(value: int, bits: int, what: str) -> int:
+    v = int(value)
+    if not 0 <= v < 2 ** bits:
+        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {value}")
+    return v
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Task metadata and state, as recorded by the ledger."""
+    address: str
+    admin: str
+    model_arch: str
+    initial_model_digest: bytes
+    n_rounds: int
+    params: dict
+    params_json: str
+    round_deadline_blocks: int
+    quorum: int
+    started: bool
+    finished: bool
+    current_round: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """One ``UpdateSubmitted`` event. ``payload`` is empty when it lives in the blob store."""
+    round: int
+    sender: str
+    digest: bytes
+    n_values: int
+    n_samples: int
+    payload: bytes = field(repr=False)
+    block_number: int
+    log_index: int
+    tx_hash: str
+
+    @property
+    def payload_size(self) -> int:
+        return len(self.payload)
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A member's digest of the global model after a round; ``agrees`` compares it with the
+    round's current majority digest."""
+    round: int
+    member: str
+    digest: bytes
+    agrees: bool
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """Open/close blocks (close 0 = still open; open 0 = not opened yet) and update count."""
+    round: int
+    open_block: int
+    close_block: int
+    submitted: int
+    deadline_block: int
+    n_attestations: int
+    majority_digest: bytes | None
+    mismatches: int
+
+
+class _Abi:
+    """Function/event encoding straight from the artifact's ABI (eth_abi, no web3 contract layer)."""
+
+    def __init__(self, abi: list[dict]):
+        self.functions: dict[str, tuple[bytes, list[str], list[str]]] = {}
+        self.events: dict[str, dict] = {}
+        for e in abi:
+            if e.get("type") == "function":
+                ins = [_canonical_type(i) for i in e["inputs"]]
+                outs = [_canonical_type(o) for o in e["outputs"]]
+                self.functions[e["name"]] = (keccak(text=f"{e['name']}({','.join(ins)})")[:4], ins, outs)
+            elif e.get("type") == "event":
+                ins = [_canonical_type(i) for i in e["inputs"]]
+                topic = keccak(text=f"{e['name']}({','.join(ins)})")
+                self.events[e["name"]] = {
+                    "topic": topic,
+                    "indexed": [(i["name"], _canonical_type(i)) for i in e["inputs"] if i["indexed"]],
+                    "data": [(i["name"], _canonical_type(i)) for i in e["inputs"] if not i["indexed"]],
+                }
+        ctor = next((e for e in abi if e.get("type") == "constructor"), {"inputs": []})
+        self.constructor_types = [_canonical_type(i) for i in ctor["inputs"]]
+
+    def encode(self, name: str, *args: Any) -> bytes:
+        sel, ins, _ = self.functions[name]
+        return sel + abi_encode(ins, list(args))
+
+    def decode(self, name: str, data: bytes) -> tuple:
+        return tuple(abi_decode(self.functions[name][2], data))
+
+
+@functools.lru_cache(maxsize=None)
+def _codec(name: str) -> tuple[_Abi, RevertDecoder]:
+    abi = load_artifact(name)["abi"]
+    return _Abi(abi), RevertDecoder(abi)
+
+
+class LedgerClient:
+    """Client of a deployed TaskLedger at ``address``, acting as ``account`` (None: read-only).
+
+    Transactions are simulated first, so a refused call raises a :class:`LedgerError` subclass
+    (``NotAMember``, ``AlreadySubmitted``, ``RoundClosed``, ``FutureRound``, ``NotStarted``,
+    ``TaskFinished``, ``NotAdmin``, ...) and changes nothing on chain.
+    """
+
+    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None, *,
+                 gas_margin: float = 1.2, tx_timeout: float = 120.0):
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self.account = account
+        self.gas_margin = gas_margin
+        self.tx_timeout = tx_timeout
+        self._abi, self._decoder = _codec(CONTRACT_NAME)
+        self._label = node_label(w3)
+
+    def __repr__(self) -> str:
+        who = self.account.address if self.account is not None else "read-only"
+        return f"LedgerClient({self.address} on {self._label}, as {who})"
+
+    def as_account(self, account: LocalAccount | None) -> "LedgerClient":
+        """The same ledger, acting as another account."""
+        return LedgerClient(self.w3, self.address, account, gas_margin=self.gas_margin,
+                            tx_timeout=self.tx_timeout)
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(self, name: str, *args: Any, block: int | str = "latest") -> tuple:
+        raw = call(self.w3, self.address, self._abi.encode(name, *args), decoder=self._decoder,
+                   contract=self.address, block=block)
+        if not raw:
+            raise LedgerError(f"no contract code at {self.address} on {self._label} (wrong address or "
+                              "chain?)", reason="NoContract")
+        return self._abi.decode(name, raw)
+
+    def _transact(self, name: str, *args: Any, gas: int | None = None, wait: bool = True):
+        if self.account is None:
+            raise ValueError(f"{name}() sends a transaction: create the LedgerClient with an account")
+        return send_transaction(self.w3, self.account, {"to": self.address, "data": self._abi.encode(name, *args)},
+                                decoder=self._decoder, contract=self.address, gas=gas,
+                                gas_margin=self.gas_margin, timeout=self.tx_timeout, wait=wait)
+
+    def wait_for_receipt(self, tx_hash: str):
+        """The receipt of a transaction sent with ``wait=False`` (raises the decoded error if it
+        reverted)."""
+        return wait_for_receipt(self.w3, tx_hash, decoder=self._decoder, contract=self.address,
+                                timeout=self.tx_timeout)
+
+    # ------------------------------------------------------------------ admin
+    def add_member(self, member: str):
+        """Admin only: make ``member`` an active member. Returns the receipt."""
+        return self._transact("addMember", to_checksum_address(member))
+
+    def remove_member(self, member: str):
+        """Admin only: remove ``member`` (closes the current round if all remaining members submitted)."""
+        return self._transact("removeMember", to_checksum_address(member))
+
+    def start(self):
+        """Admin only: open round 0."""
+        return self._transact("start")
+
+    # ------------------------------------------------------------------ members
+    def submit_update(self, round: int, digest: bytes | str, n_values: int, n_samples: int,
+                      payload: bytes = b"", *, gas: int | None = None, wait: bool = True):
+        """Submit this member's update for ``round``: its sha256 ``digest``, the number of values
+        and of training samples, and the encoded ``payload`` (empty: it lives in the blob store under
+        ``digest``). Returns the receipt (the round closes in it if this was the last member), or
+        the transaction hash with ``wait=False``. ``gas``: an explicit limit (skips the simulation,
+        so a refused update is mined, reverts and then raises)."""
+        return self._transact("submitUpdate", _uint(round, 32, "round"), _digest32(digest),
+                              _uint(n_values, 32, "n_values"), _uint(n_samples, 64, "n_samples"),
+                              bytes(payload), gas=gas, wait=wait)
+
+    def close_round(self):
+        """Close the current round after its deadline (anyone; needs ``quorum`` updates)."""
+        return self._transact("closeRound")
+
+    def attest(self, round: int, digest: bytes | str):
+        """Record this member's digest of the global model after aggregating ``round`` (closed)."""
+        return self._transact("attest", _uint(round, 32, "round"), _digest32(digest, "global digest"))
+
+    # ------------------------------------------------------------------ views
+    def task(self) -> TaskInfo:
+        (admin, arch, init, n_rounds, params, deadline, quorum, started, finished,
+         cur) = self._call("task")
+        try:
+            decoded = json.loads(params) if params else {}
+        except json.JSONDecodeError:
+            decoded = {"_unparsed": params}
+        return TaskInfo(self.address, to_checksum_address(admin), arch, bytes(init), n_rounds, decoded,
+                        params, deadline, quorum, started, finished, cur)
+
+    def current_round(self) -> int:
+        """The open round; after the last round closed it equals ``n_rounds`` (all rounds closed)."""
+        return self._call("currentRound")[0]
+
+    def started(self) -> bool:
+        return self._call("started")[0]
+
+    def finished(self) -> bool:
+        return self._call("finished")[0]
+
+    def members(self) -> list[str]:
+        return [to_checksum_address(a) for a in self._call("members")[0]]
+
+    def is_member(self, account: str) -> bool:
+        return self._call("isMember", to_checksum_address(account))[0]
+
+    def admin(self) -> str:
+        return to_checksum_address(self._call("admin")[0])
+
+    def round_open_block(self, round: int) -> int:
+        """Block in which ``round`` opened (0: not opened yet)."""
+        return self._call("roundOpenBlock", round)[0]
+
+    def round_close_block(self, round: int) -> int:
+        """Block in which ``round`` closed (0: not closed yet)."""
+        return self._call("roundCloseBlock", round)[0]
+
+    def round_deadline_block(self, round: int) -> int:
+        """Block after which ``close_round()`` may close ``round`` (0: no deadline / not open)."""
+        return self._call("roundDeadlineBlock", round)[0]
+
+    def submitted_count(self, round: int) -> int:
+        return self._call("submittedCount", round)[0]
+
+    def has_submitted(self, round: int, member: str) -> bool:
+        return self._call("hasSubmitted", round, to_checksum_address(member))[0]
+
+    def majority_digest(self, round: int) -> bytes | None:
+        """The leading attested global digest of ``round`` (None: no attestation yet)."""
+        digest, count = self._call("majorityDigest", round)
+        return bytes(digest) if count else None
+
+    def mismatch_count(self, round: int) -> int:
+        """Attestations of ``round`` that disagreed with the majority when they were made."""
+        return self._call("mismatchCount", round)[0]
+
+    def attestations(self, round: int) -> list[Attestation]:
+        """Attestations of ``round`` in the order they were recorded."""
+        members, digests = self._call("attestations", round)
+        maj = self.majority_digest(round)
+        return [Attestation(round, to_checksum_address(m), bytes(d), bytes(d) == maj)
+                for m, d in zip(members, digests)]
+
+    def round_info(self, round: int) -> RoundInfo:
+        maj, count = self._call("majorityDigest", round)
+        members, _ = self._call("attestations", round)
+        return RoundInfo(round, self.round_open_block(round), self.round_close_block(round),
+                         self.submitted_count(round), self.round_deadline_block(round), len(members),
+                         bytes(maj) if count else None, self.mismatch_count(round))
+
+    def block_number(self) -> int:
+        return with_retries(lambda: self.w3.eth.block_number, what="eth_blockNumber", label=self._label)
+
+    def updates(self, round: int) -> list[Update]:
+        """The updates submitted to ``round``, in chain order (block number, log index).
+
+        Reads ``UpdateSubmitted`` logs of this ledger over ``[roundOpenBlock(r), roundCloseBlock(r)]``
+        (or up to the latest block while the round is open). Empty if the round never opened.
+        """
+        open_block = self.round_open_block(round)
+        if open_block == 0:
+            return []
+        close_block = self.round_close_block(round) or self.block_number()
+        ev = self._abi.events["UpdateSubmitted"]
+        logs = with_retries(lambda: self.w3.eth.get_logs({
+            "address": self.address, "fromBlock": open_block, "toBlock": close_block,
+            "topics": ["0x" + ev["topic"].hex(), "0x" + abi_encode(["uint32"], [round]).hex()],
+        }), what="eth_getLogs", label=self._label)
+        out = []
+        data_types = [t for _, t in ev["data"]]
+        for lg in logs:
+            topics = lg["topics"]
+            (r,) = abi_decode(["uint32"], bytes(topics[1]))
+            (sender,) = abi_decode(["address"], bytes(topics[2]))
+            digest, n_values, n_samples, payload = abi_decode(data_types, bytes(lg["data"]))
+            out.append(Update(r, to_checksum_address(sender), bytes(digest), n_values, n_samples,
+                              bytes(payload), lg["blockNumber"], lg["logIndex"],
+                              "0x" + bytes(lg["transactionHash"]).hex()))
+        out.sort(key=lambda u: (u.block_number, u.log_index))
+        return out
+
+    def rounds(self) -> list[RoundInfo]:
+        """Information on every round that opened so far."""
+        t = self.task()
+        if not t.started:
+            return []
+        last = min(t.current_round, t.n_rounds - 1)
+        return [self.round_info(r) for r in range(last + 1)]
+
+    def wait_round_closed(self, round: int, *, timeout: float = 600.0, poll_interval: float = 0.5) -> int:
+        """Poll until ``round`` is closed; return its close block. Usable from any process that
+        knows the ledger address. Raises ``LedgerTimeout`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            closed = self.round_close_block(round)
+            if closed:
+                return closed
+            if time.monotonic() >= deadline:
+                cur = self.current_round()
+                raise LedgerTimeout(
+                    f"round {round} of ledger {self.address} on {self._label} did not close within "
+                    f"{timeout:.0f} s (current round {cur}, {self.submitted_count(round)} update(s) of "
+                    f"{len(self.members())} member(s)); a member may have stopped, or close_round() "
+                    "is needed after the deadline")
+            time.sleep(poll_interval)
+
+    def wait_round_open(self, round: int, *, timeout: float = 600.0, poll_interval: float = 0.5) -> int:
+        """Poll until ``round`` has opened (the task started and earlier rounds closed); return its
+        open block. Raises ``LedgerTimeout`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            opened = self.round_open_block(round)
+            if opened:
+                return opened
+            if time.monotonic() >= deadline:
+                raise LedgerTimeout(f"round {round} of ledger {self.address} on {self._label} did not "
+                                    f"open within {timeout:.0f} s")
+            time.sleep(poll_interval)
+
+
+def deploy_ledger(w3: Web3, admin_account: LocalAccount, model_arch: str, initial_digest: bytes | str,
+                  n_rounds: int, params: Mapping[str, Any] | None = None, deadline_blocks: int = 0,
+                  quorum: int = 1, *, members: Sequence[str] = (), start: bool = False,
+                  gas_margin: float = 1.2) -> LedgerClient:
+    """Deploy a TaskLedger for one task and return a client acting as the admin.
+
+    ``params`` is stored as canonical JSON (:func:`canonical_params`). ``deadline_blocks`` = 0: no
+    deadline (a round closes only when every active member submitted); otherwise anyone may close a
+    round once ``deadline_blocks`` blocks passed since it opened and ``quorum`` (>= 1) updates arrived.
+    ``members`` are added and the task is started if ``start``, as separate transactions.
+    """
+    art = load_artifact(CONTRACT_NAME)
+    abi, decoder = _codec(CONTRACT_NAME)
+    args = [str(model_arch), _digest32(initial_digest, "initial model digest"),
+            _uint(n_rounds, 32, "n_rounds"), canonical_params(params or {}),
+            _uint(deadline_blocks, 64, "deadline_blocks"), _uint(quorum, 32, "quorum")]
+    if args[2] < 1:
+        raise ValueError("n_rounds must be at least 1")
+    if args[5] < 1:
+        raise ValueError("quorum must be at least 1")
+    data = bytes.fromhex(art["bytecode"][2:]) + abi_encode(abi.constructor_types, args)
+    receipt = send_transaction(w3, admin_account, {"data": data}, decoder=decoder,
+                               contract=f"new {CONTRACT_NAME}", gas_margin=gas_margin)
+    client = LedgerClient(w3, receipt["contractAddress"], admin_account, gas_margin=gas_margin)
+    log.info("deployed %s at %s on %s (block %d, gas %d)", CONTRACT_NAME, client.address,
+             node_label(w3), receipt["blockNumber"], receipt["gasUsed"])
+    for m in members:
+        client.add_member(m)
+    if start:
+        client.start()
+    return client
