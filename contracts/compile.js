@@ -16,7 +16,7 @@ const fs = require("fs");
 const path = require("path");
 const solc = require("solc");
 
-const CONTRACTS = ["TaskLedger.sol"];
+const CONTRACTS = ["TaskLedger.sol", "Bridge.sol"];
 
 // Everything that changes the bytecode is set explicitly here and recorded in the artifact.
 const SETTINGS = {
