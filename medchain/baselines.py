@@ -48,7 +48,7 @@ def centralized(institutions: list[InstitutionData], model_name: str, n_classes:
     train = ImageSet.concat([i.train for i in institutions])
     val = ImageSet.concat([i.val for i in institutions])
     model = build_model(model_name, train.n_channels, n_classes, cfg.seed)
-    result = fit(model, train, val, cfg, quiet=quiet, desc="centralized")
+    result = fit(model, train, val, cfg, quiet=quiet, desc="centralized", track=pooled_test(institutions))
     rows = score_rows("centralized", model, institutions)
     return BaselineResult("centralized", [model], [result], rows)
 
@@ -58,9 +58,11 @@ def local_only(institutions: list[InstitutionData], model_name: str, n_classes: 
     """Each institution trains alone on its own train split and selects on its own val split.
     Scored on the pooled test set and on its own test split."""
     models, fits, rows = [], [], []
+    test = pooled_test(institutions)
     for inst in institutions:
         model = build_model(model_name, inst.train.n_channels, n_classes, cfg.seed)
-        fits.append(fit(model, inst.train, inst.val, cfg, quiet=quiet, desc=f"local {inst.index}"))
+        fits.append(fit(model, inst.train, inst.val, cfg, quiet=quiet, desc=f"local {inst.index}",
+                        track=test))
         models.append(model)
         rows += score_rows("local_only", model, institutions, institution=inst.index)
         rows.append({"method": "majority", "model_of": inst.index, "eval_on": f"inst{inst.index}",

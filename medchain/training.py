@@ -156,10 +156,12 @@ class FitResult:
 
 def fit(model: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, *,
         quiet: bool = True, desc: str = "fit", anchor: dict[str, torch.Tensor] | None = None,
-        anchor_strength: float = 0.0) -> FitResult:
+        anchor_strength: float = 0.0, track: ImageSet | None = None) -> FitResult:
     """Train for cfg.epochs with a cosine schedule over the whole run, evaluate on `val` after each
     epoch and keep the weights of the best validation accuracy (ties: lower val loss).
-    epochs = 0 returns the model unchanged, scored on val."""
+    epochs = 0 returns the model unchanged, scored on val.
+    track: also score each epoch's model on this set (history columns track_*), for learning
+    curves only — it never influences selection."""
     best_state, best_key, best_epoch, best_val = None, None, 0, None
     history = []
     total = max(cfg.epochs, 1)
@@ -174,8 +176,11 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, *,
         stats = train_epochs(model, train, per_epoch, lr_range=lr_range, seed=cfg.seed * 1000 + epoch,
                              anchor=anchor, anchor_strength=anchor_strength)
         m = evaluate(model, val)
-        history.append({"epoch": epoch + 1, "lr": lr_range[0], "train_loss": stats["loss"],
-                        **{f"val_{k}": v for k, v in m.items()}})
+        row = {"epoch": epoch + 1, "lr": lr_range[0], "train_loss": stats["loss"],
+               **{f"val_{k}": v for k, v in m.items()}}
+        if track is not None:
+            row.update({f"track_{k}": v for k, v in evaluate(model, track).items()})
+        history.append(row)
         key = (m["acc"], -m["loss"])
         if best_key is None or key > best_key:
             best_key, best_epoch, best_val = key, epoch + 1, m
@@ -183,3 +188,12 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, *,
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(model, best_epoch, best_val, history)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm layer's running mean/var as exact averages over `data` with the
+    current weights (torch's swa_utils.update_bn). After a few local steps the exponential running
+    averages still remember the previous weights; federated rounds are short, so this matters."""
+    x = to_tensor(data.images)
+    torch.optim.swa_utils.update_bn([x[i:i + batch_size] for i in range(0, len(x), batch_size)], model)

@@ -1,0 +1,356 @@
+"""Collaborative training coordinated by a task ledger — no central server.
+
+Each :class:`Institution` holds only its own private data. One round ``r``:
+
+1. every institution starts from its copy of the global model ``w``, trains ``local_epochs`` on its
+   own data, and forms its update ``Δ = w_local − w`` (all floating tensors, BatchNorm statistics
+   included);
+2. it selects what to share (``theta_u`` = 1: everything; see :mod:`medchain.privacy`), encodes it
+   (:mod:`medchain.codec`) and submits digest + payload (inline, or the digest only with the payload
+   in the blob store) to the ledger with its sample count;
+3. once the round has closed, every institution *independently* reads the round's updates from the
+   ledger in chain order, verifies each payload against its on-chain digest, decodes it strictly and
+   aggregates deterministically (:mod:`medchain.aggregation`) into the next global model;
+4. each attests the digest of the global model it computed; all attestations must agree, otherwise
+   the run stops with :class:`AttestationMismatchError` naming the round.
+
+The same :class:`Institution` code runs in one process (simulation, :func:`run_collaborative`) or one
+process per hospital (deployment). :class:`MemoryLedger` is the chain-free FedAvg reference: same
+code, same aggregation, an in-memory log instead of a chain — identical seeds give identical digests.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medchain import codec
+from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate
+from medchain.baselines import pooled_test
+from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_payload
+from medchain.chain.ledger import Attestation, Update
+from medchain.data.types import ImageSet, InstitutionData
+from medchain.models import build_model
+from medchain.params import Layout, digest_vector, load_flat, model_vector
+from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
+
+
+class AttestationMismatchError(RuntimeError):
+    """Institutions computed different global models for a round: the run cannot continue."""
+
+
+@dataclass
+class CollabConfig:
+    """Parameters of a collaborative task (recorded on chain as the task's params).
+
+    lr decays by a cosine over rounds from lr to lr*lr_floor; each round's local training runs at
+    that round's lr. prox_mu > 0 adds FedProx's proximal term; server_momentum > 0 is FedAvgM.
+    theta_u / theta_d: fractions of each update uploaded / of the global model downloaded.
+    max_inline_bytes: payloads up to this size travel in the transaction, larger ones in the blob
+    store. max_abs_update: any update value beyond ±this is refused as oversized.
+    bn_recalibrate: after local training, recompute BatchNorm statistics exactly over the local
+    training data (a few local steps leave the running averages stale; measured: without it the
+    global model sits at the majority rate for the first rounds).
+    """
+
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_floor: float = 0.02
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    aggregation: str = "mean"
+    theta_u: float = 1.0
+    theta_d: float = 1.0
+    model: str = "cnn"
+    seed: int = 0
+    max_inline_bytes: int = 64_000
+    max_abs_update: float = 1e3
+    bn_recalibrate: bool = True
+
+    def __post_init__(self):
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError(f"need rounds >= 1 and local_epochs >= 1, got {self.rounds}, {self.local_epochs}")
+        for name in ("theta_u", "theta_d"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def round_lr(self, r: int) -> tuple[float, float]:
+        """(lr at the first step, lr at the last step) of round r's local training."""
+        return (cosine_lr(self.lr, r, self.rounds, self.lr_floor),
+                cosine_lr(self.lr, r + 1, self.rounds, self.lr_floor))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                           optimizer=self.optimizer, weight_decay=self.weight_decay,
+                           schedule="constant", seed=self.seed)
+
+
+class MemoryLedger:
+    """The chain-free reference: the TaskLedger's interface over an in-memory log (one shared
+    object — exactly what the chain replaces). Used for the FedAvg reference and its comparison."""
+
+    address = "memory"
+
+    def __init__(self, initial_digest: bytes, n_rounds: int):
+        self.initial_digest = initial_digest
+        self.n_rounds = n_rounds
+        self._updates: dict[int, list[Update]] = {}
+        self._attest: dict[int, list[Attestation]] = {}
+        self._members: list[str] = []
+        self._seq = 0
+
+    def as_account(self, account: str) -> "MemoryLedger.Member":
+        if account not in self._members:
+            self._members.append(account)
+        return MemoryLedger.Member(self, account)
+
+    class Member:
+        """What one institution sees: submit, read, attest."""
+
+        def __init__(self, ledger: "MemoryLedger", account: str):
+            self.ledger, self.account = ledger, account
+
+        def submit_update(self, round, digest, n_values, n_samples, payload=b""):
+            lst = self.ledger._updates.setdefault(round, [])
+            if any(u.sender == self.account for u in lst):
+                raise ValueError(f"{self.account} already submitted an update for round {round}")
+            self.ledger._seq += 1
+            lst.append(Update(round, self.account, bytes(digest), n_values, n_samples, bytes(payload),
+                              self.ledger._seq, 0, ""))
+
+        def updates(self, round):
+            return list(self.ledger._updates.get(round, []))
+
+        def attest(self, round, digest):
+            lst = self.ledger._attest.setdefault(round, [])
+            lst.append(Attestation(round, self.account, bytes(digest), bytes(digest) == lst[0].digest if lst else True))
+
+        def attestations(self, round):
+            return list(self.ledger._attest.get(round, []))
+
+
+class Institution:
+    """One hospital: private data, its own model copy, its own ledger client (its own key).
+
+    ledger: anything with submit_update / updates / attestations / attest acting as this
+    institution (a :class:`medchain.chain.LedgerClient` with this institution's account, or a
+    :class:`MemoryLedger.Member`). store: the blob store for payloads too large to go inline.
+    select: optional ``(delta float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``
+    choosing what to upload (default: everything). local_mask: bool (P,) of coordinates that
+    never leave the institution and are never overwritten by the global model (personalization).
+    """
+
+    def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger,
+                 store: BlobStore | None = None, *,
+                 select: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+                 local_mask: np.ndarray | None = None, anchor: dict[str, torch.Tensor] | None = None,
+                 anchor_strength: float = 0.0, init_model: nn.Module | None = None):
+        self.data, self.cfg, self.ledger, self.store = data, cfg, ledger, store
+        self.index = data.index
+        self.model = init_model if init_model is not None else \
+            build_model(cfg.model, data.train.n_channels, n_classes, cfg.seed)
+        self.layout = Layout.from_module(self.model)
+        self.global_vec = model_vector(self.model, self.layout)
+        self.select = select
+        self.local_mask = local_mask
+        self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
+        self.anchor, self.anchor_strength = anchor, anchor_strength
+        self.server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        self.timings = {"train": 0.0, "encode": 0.0, "chain": 0.0, "replay": 0.0}
+        self.last_upload: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.data.train)
+
+    def global_digest(self) -> bytes:
+        return digest_vector(self.global_vec, self.layout)
+
+    def working_vector(self) -> np.ndarray:
+        """The model this institution trains and uses: the global model, except its local-only
+        coordinates (if any), which keep their personal values."""
+        if self.local_mask is None:
+            return self.global_vec
+        return np.where(self.local_mask, self.local_vec, self.global_vec).astype(np.float32)
+
+    def train_round(self, r: int) -> np.ndarray:
+        """Local training of round r from the current global model; returns Δ float32 (P,)."""
+        t0 = time.perf_counter()
+        start = self.working_vector()
+        load_flat(self.model, start, self.layout)
+        anchor, strength = self.anchor, self.anchor_strength
+        if self.cfg.prox_mu > 0:   # FedProx: stay near this round's starting point
+            anchor = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+            strength = self.cfg.prox_mu
+        train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
+                     anchor=anchor, anchor_strength=strength,
+                     seed=self.cfg.seed * 100_003 + r * 1_009 + self.index)
+        if self.cfg.bn_recalibrate:
+            recalibrate_bn(self.model, self.data.train)
+        trained = model_vector(self.model, self.layout)
+        if self.local_mask is not None:
+            self.local_vec = np.where(self.local_mask, trained, self.local_vec).astype(np.float32)
+        self.timings["train"] += time.perf_counter() - t0
+        return (trained.astype(np.float64) - start.astype(np.float64)).astype(np.float32)
+
+    def upload(self, r: int, delta: np.ndarray) -> bytes:
+        """Select, encode, place and submit round r's update; returns its digest."""
+        t0 = time.perf_counter()
+        if self.select is not None:
+            idx, vals = self.select(delta, r)
+        elif self.local_mask is not None:
+            idx = np.flatnonzero(~self.local_mask)
+            vals = delta[idx]
+        else:
+            idx, vals = None, delta
+        if self.local_mask is not None and idx is not None and self.local_mask[idx].any():
+            raise RuntimeError(f"institution {self.index}: the selection would upload local-only "
+                               "coordinates; refusing to share them")
+        self.last_upload = (idx, vals)
+        payload = codec.encode_update(vals, self.layout.layout_id, indices=idx, total_size=self.layout.size)
+        digest, inline = place_payload(payload, self.store, self.cfg.max_inline_bytes)
+        t1 = time.perf_counter()
+        self.ledger.submit_update(r, digest, len(vals), self.n_samples, inline)
+        t2 = time.perf_counter()
+        self.timings["encode"] += t1 - t0
+        self.timings["chain"] += t2 - t1
+        return digest
+
+    def read_round(self, r: int) -> list[tuple[Update, codec.DecodedUpdate]]:
+        """Round r's updates from the ledger, in chain order, each verified and decoded."""
+        t0 = time.perf_counter()
+        records = self.ledger.updates(r)
+        t1 = time.perf_counter()
+        out = []
+        for rec in records:
+            payload = fetch_payload(rec.digest, rec.payload, self.store)
+            dec = codec.decode_update(payload, expected_layout_id=self.layout.layout_id,
+                                      expected_size=self.layout.size, max_abs=self.cfg.max_abs_update)
+            if dec.n != rec.n_values:
+                raise codec.CodecError(f"round {r}: update of {rec.sender} carries {dec.n} values but "
+                                       f"the ledger records n_values={rec.n_values}")
+            out.append((rec, dec))
+        self.timings["chain"] += t1 - t0
+        self.timings["replay"] += time.perf_counter() - t1
+        return out
+
+    def sync_round(self, r: int) -> bytes:
+        """Replay round r from the ledger, aggregate, attest; returns the new global digest."""
+        decoded = self.read_round(r)
+        if not decoded:
+            raise RuntimeError(f"round {r} closed with no updates on the ledger")
+        t0 = time.perf_counter()
+        updates = [SparseUpdate(d.indices, d.values, float(rec.n_samples), self.layout.size)
+                   for rec, d in decoded]
+        self.global_vec = aggregate(self.global_vec, updates, self.cfg.aggregation, self.server)
+        digest = self.global_digest()
+        t1 = time.perf_counter()
+        self.ledger.attest(r, digest)
+        self.timings["replay"] += t1 - t0
+        self.timings["chain"] += time.perf_counter() - t1
+        return digest
+
+    def personal_model(self) -> nn.Module:
+        """The model this institution would deploy: global weights (+ its local-only ones)."""
+        load_flat(self.model, self.working_vector(), self.layout)
+        return self.model
+
+
+def check_attestations(ledger, r: int, expected: bytes, n_members: int) -> None:
+    """All n_members attestations of round r must equal `expected`; else raise naming the round."""
+    atts = ledger.attestations(r)
+    bad = [a for a in atts if a.digest != expected]
+    if bad or len(atts) != n_members:
+        detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
+        raise AttestationMismatchError(
+            f"round {r}: institutions disagree on the global model (expected {expected.hex()[:16]}…, "
+            f"{len(atts)} of {n_members} attestations: {detail}); the run is stopped — check that "
+            "every institution runs the same medchain version, model and task parameters")
+
+
+@dataclass
+class CollabResult:
+    """Outcome of run_collaborative. history: one row per round (pooled-test metrics of the global
+    model, its digest, wall time). timings: seconds summed over institutions by phase."""
+
+    history: list[dict]
+    model: nn.Module
+    institutions: list[Institution]
+    final_digest: bytes
+    ledger_address: str
+    chain_identity: str = ""
+    final_block_hash: str = ""
+    timings: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: CollabConfig, *,
+                      chain: str | None = "embedded", store: BlobStore | None = None,
+                      eval_set: ImageSet | None = None, quiet: bool = True,
+                      institution_kwargs: Callable[[int], dict] | None = None,
+                      round_callback: Callable[[int, list[Institution]], None] | None = None) -> CollabResult:
+    """Simulate collaborative training with every institution in this process.
+
+    chain: "embedded" (in-process eth-tester chain), an ``http://`` node URL (anvil, geth, ...),
+      or None for the chain-free reference (:class:`MemoryLedger`).
+    eval_set: where the global model is scored each round (default: all institutions' test splits).
+    institution_kwargs: per-institution extra arguments for :class:`Institution` (select, local_mask…).
+    """
+    t_start = time.perf_counter()
+    store = store if store is not None else MemoryBlobStore()
+    eval_set = eval_set if eval_set is not None else pooled_test(institutions)
+    probe = build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
+    layout = Layout.from_module(probe)
+    init_digest = digest_vector(model_vector(probe, layout), layout)
+    if chain is None:
+        admin = MemoryLedger(init_digest, cfg.rounds)
+        clients = [admin.as_account(f"institution-{d.index}") for d in institutions]
+        identity, block_hash = "memory", ""
+    else:
+        from medchain.chain import chain_identity, connect, deploy_ledger, dev_accounts, final_block_hash
+        w3 = connect(None if chain == "embedded" else chain)
+        accounts = dev_accounts(w3, len(institutions) + 1)
+        admin = deploy_ledger(w3, accounts[0], cfg.model, init_digest, cfg.rounds,
+                              params={**cfg.to_dict(), "layout_id": layout.layout_id_hex},
+                              members=[a.address for a in accounts[1:]], start=True)
+        clients = [admin.as_account(a) for a in accounts[1:]]
+    insts = [Institution(d, n_classes, cfg, c, store, **(institution_kwargs(d.index) if institution_kwargs else {}))
+             for d, c in zip(institutions, clients)]
+    for inst in insts:   # every institution checks it starts from the model the task recorded
+        if inst.global_digest() != init_digest:
+            raise AttestationMismatchError(f"institution {inst.index} built an initial model whose digest "
+                                           "differs from the task's initial-model digest")
+    history = []
+    for r in tqdm(range(cfg.rounds), desc="collaborative rounds", disable=quiet):
+        t0 = time.perf_counter()
+        for inst in insts:
+            inst.upload(r, inst.train_round(r))
+        digests = [inst.sync_round(r) for inst in insts]
+        check_attestations(insts[0].ledger, r, digests[0], len(insts))
+        model = insts[0].model
+        load_flat(model, insts[0].global_vec, insts[0].layout)
+        history.append({"round": r + 1, "digest": digests[0].hex(), "round_s": time.perf_counter() - t0,
+                        **evaluate(model, eval_set)})
+        if round_callback is not None:
+            round_callback(r, insts)
+    final = build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
+    load_flat(final, insts[0].global_vec, insts[0].layout)
+    timings = {k: sum(i.timings[k] for i in insts) for k in insts[0].timings}
+    if chain is not None:
+        identity, block_hash = chain_identity(w3, admin.address), final_block_hash(w3)
+    return CollabResult(history, final, insts, digests[0], admin.address, identity, block_hash,
+                        timings, time.perf_counter() - t_start)
