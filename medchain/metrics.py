@@ -18,6 +18,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape[0] != y_true.shape[0]:
         raise ValueError(f"proba must be (N, C) with N = {y_true.shape[0]}, got {proba.shape}")
+    if not np.isfinite(proba).all():
+        raise ValueError("predicted probabilities contain NaN/Inf: the model diverged (lower the "
+                         "learning rate or server momentum, or check the updates it was built from)")
     n_classes = proba.shape[1]
     pred = proba.argmax(axis=1)
     clipped = np.clip(proba, 1e-12, 1.0)
@@ -53,3 +56,85 @@ def majority_rate(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
     """Accuracy of always predicting the most frequent training class on test_labels."""
     majority = np.bincount(np.asarray(train_labels).ravel()).argmax()
     return float(np.mean(np.asarray(test_labels).ravel() == majority))
+
+
+# --------------------------------------------------------------------------------------------
+# image reconstruction metrics (gradient-inversion attacks, medchain.attacks)
+
+def _as_image_batch(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim not in (3, 4):
+        raise ValueError(f"{name} must be a batch of images (B, H, W) or (B, H, W, C), "
+                         f"got shape {a.shape}")
+    return a.astype(np.float64)
+
+
+def image_mse(a, b) -> np.ndarray:
+    """Mean squared error per image, float64 (B,). a, b: (B, H, W[, C]) in the same units."""
+    a, b = _as_image_batch(a, "a"), _as_image_batch(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {a.shape} vs {b.shape}")
+    return ((a - b) ** 2).reshape(a.shape[0], -1).mean(axis=1)
+
+
+def psnr(a, b, data_range: float = 255.0) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB per image, float64 (B,): 10·log10(range² / MSE)
+    (inf for identical images). data_range: the images' value range (255 for uint8)."""
+    m = image_mse(a, b)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(float(data_range) ** 2 / m)
+
+
+def ssim(a, b, data_range: float = 255.0) -> np.ndarray:
+    """Structural similarity per image (scikit-image ``structural_similarity``, default 7×7
+    window, Gaussian weighting off), float64 (B,). Colour images (B, H, W, C): channel-averaged."""
+    from skimage.metrics import structural_similarity
+    a, b = _as_image_batch(a, "a"), _as_image_batch(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {a.shape} vs {b.shape}")
+    kw = {"channel_axis": -1} if a.ndim == 4 else {}
+    return np.array([structural_similarity(x, y, data_range=float(data_range), **kw)
+                     for x, y in zip(a, b)], dtype=np.float64)
+
+
+def match_reconstructions(recon, originals) -> np.ndarray:
+    """Pair each original with one reconstruction (Hungarian assignment on MSE, scipy's
+    ``linear_sum_assignment``): returns int64 (B,) ``perm`` with ``recon[perm[i]]`` matched to
+    ``originals[i]``. A batch attack recovers images in no particular order; score after matching."""
+    from scipy.optimize import linear_sum_assignment
+    r, o = _as_image_batch(recon, "recon"), _as_image_batch(originals, "originals")
+    if r.shape != o.shape:
+        raise ValueError(f"recon {r.shape} and originals {o.shape} differ in shape")
+    rf, of = r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1)
+    cost = ((of[:, None, :] - rf[None, :, :]) ** 2).mean(axis=2)     # (originals, recon)
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(o.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def reconstruction_metrics(recon, originals, data_range: float = 255.0, *,
+                           recon_labels=None, labels=None, match: bool = True) -> dict:
+    """Score a batch of reconstructions against the originals.
+
+    recon, originals: (B, H, W[, C]) in the same units (uint8 images: data_range 255).
+    match: pair them first with :func:`match_reconstructions` (a batch attack's order is arbitrary).
+    recon_labels / labels: int (B,), optional; gives ``label_acc`` (after matching) and
+    ``label_count_acc`` (order-free: Σ_c min(n̂_c, n_c) / B).
+    Returns {"psnr", "ssim", "mse" (batch means), "psnr_each", "ssim_each", "mse_each" (lists),
+    "perm" (list), and the label scores when labels are given}.
+    """
+    perm = match_reconstructions(recon, originals) if match else np.arange(len(originals))
+    r = np.asarray(recon)[perm]
+    p, s, m = psnr(r, originals, data_range), ssim(r, originals, data_range), image_mse(r, originals)
+    out = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "mse": float(np.mean(m)),
+           "psnr_each": p.tolist(), "ssim_each": s.tolist(), "mse_each": m.tolist(),
+           "perm": perm.tolist()}
+    if recon_labels is not None and labels is not None:
+        rl = np.asarray(recon_labels).astype(np.int64).ravel()
+        tl = np.asarray(labels).astype(np.int64).ravel()
+        out["label_acc"] = float(np.mean(rl[perm] == tl))
+        k = int(max(rl.max(initial=0), tl.max(initial=0))) + 1
+        out["label_count_acc"] = float(np.minimum(np.bincount(rl, minlength=k),
+                                                  np.bincount(tl, minlength=k)).sum() / tl.size)
+    return out

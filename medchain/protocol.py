@@ -20,6 +20,7 @@ code, same aggregation, an in-memory log instead of a chain — identical seeds 
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medchain import codec
-from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate
+from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate, validate_rule
 from medchain.baselines import pooled_test
 from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_payload
 from medchain.chain.ledger import Attestation, Update
@@ -38,6 +39,9 @@ from medchain.data.types import ImageSet, InstitutionData
 from medchain.models import build_model
 from medchain.params import Layout, digest_vector, load_flat, model_vector
 from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
+
+
+log = logging.getLogger("medchain.protocol")
 
 
 class AttestationMismatchError(RuntimeError):
@@ -60,7 +64,7 @@ class CollabConfig:
 
     rounds: int = 20
     local_epochs: int = 1
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     lr_floor: float = 0.02
     optimizer: str = "adam"
@@ -84,6 +88,7 @@ class CollabConfig:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
+        validate_rule(self.aggregation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,6 +177,8 @@ class Institution:
         self.server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.timings = {"train": 0.0, "encode": 0.0, "chain": 0.0, "replay": 0.0}
         self.last_upload: tuple[np.ndarray, np.ndarray] | None = None
+        self.rounds_applied = 0                          # rounds aggregated into global_vec so far
+        self.refused: dict[int, list[tuple[str, str]]] = {}   # round -> [(sender, reason)]
 
     @property
     def n_samples(self) -> int:
@@ -231,36 +238,80 @@ class Institution:
         return digest
 
     def read_round(self, r: int) -> list[tuple[Update, codec.DecodedUpdate]]:
-        """Round r's updates from the ledger, in chain order, each verified and decoded."""
+        """Round r's accepted updates from the ledger, in chain order, each verified and decoded.
+
+        An update is *refused* -- left out of the round, logged, and listed in ``self.refused[r]``
+        as ``(sender, reason)`` -- when the bytes every institution sees make it unusable: an inline
+        payload that does not match its on-chain digest, a payload that fails strict decoding
+        (malformed, another layout or size, non-finite, any value beyond ``max_abs_update``), or a
+        value count that differs from the recorded ``n_values``. These checks depend only on the
+        chain and the content-addressed payload bytes, so every honest institution refuses exactly
+        the same updates and aggregates the rest. A payload missing from this institution's blob
+        store, or stored bytes that do not match the digest, is a *local* problem (another
+        institution may hold the right bytes): it raises (BlobNotFound / DigestMismatch) instead of
+        being refused, since refusing it here alone would make this replica diverge.
+        """
         t0 = time.perf_counter()
         records = self.ledger.updates(r)
         t1 = time.perf_counter()
-        out = []
+        out, refused = [], []
         for rec in records:
-            payload = fetch_payload(rec.digest, rec.payload, self.store)
-            dec = codec.decode_update(payload, expected_layout_id=self.layout.layout_id,
-                                      expected_size=self.layout.size, max_abs=self.cfg.max_abs_update)
-            if dec.n != rec.n_values:
-                raise codec.CodecError(f"round {r}: update of {rec.sender} carries {dec.n} values but "
-                                       f"the ledger records n_values={rec.n_values}")
+            inline = bytes(rec.payload)
+            payload = inline if inline else fetch_payload(rec.digest, b"", self.store)
+            try:
+                if inline:
+                    codec.verify(inline, rec.digest, what=f"inline payload of {rec.sender}")
+                dec = codec.decode_update(payload, expected_layout_id=self.layout.layout_id,
+                                          expected_size=self.layout.size, max_abs=self.cfg.max_abs_update)
+                if dec.n != rec.n_values:
+                    raise codec.CodecError(f"update of {rec.sender} carries {dec.n} values but the "
+                                           f"ledger records n_values={rec.n_values}")
+            except codec.CodecError as exc:
+                refused.append((rec.sender, str(exc)))
+                log.warning("round %d: refused the update of %s: %s", r, rec.sender, exc)
+                continue
             out.append((rec, dec))
+        self.refused[r] = refused
         self.timings["chain"] += t1 - t0
         self.timings["replay"] += time.perf_counter() - t1
         return out
 
-    def sync_round(self, r: int) -> bytes:
-        """Replay round r from the ledger, aggregate, attest; returns the new global digest."""
+    def apply_round(self, r: int) -> bytes:
+        """Replay round r from the ledger and aggregate its accepted updates into the global model
+        (no attestation); returns the new global digest.
+
+        Updates are combined in a canonical order -- by payload digest, then sample count -- so the
+        result depends only on the *set* of accepted updates, not on the order in which they reached
+        the chain (separate processes submit in any order; the in-process simulation in index
+        order: both give the same digest). A round whose updates were all refused raises CodecError.
+        """
         decoded = self.read_round(r)
         if not decoded:
+            if self.refused.get(r):
+                reasons = "; ".join(f"{s}: {why}" for s, why in self.refused[r])
+                raise codec.CodecError(f"round {r}: every update was refused ({reasons}); the round "
+                                       "carries nothing to aggregate")
             raise RuntimeError(f"round {r} closed with no updates on the ledger")
         t0 = time.perf_counter()
+        decoded = sorted(decoded, key=lambda rd: (bytes(rd[0].digest), int(rd[0].n_samples)))
         updates = [SparseUpdate(d.indices, d.values, float(rec.n_samples), self.layout.size)
                    for rec, d in decoded]
         self.global_vec = aggregate(self.global_vec, updates, self.cfg.aggregation, self.server)
-        digest = self.global_digest()
+        self.rounds_applied = r + 1
+        self.timings["replay"] += time.perf_counter() - t0
+        return self.global_digest()
+
+    def replay_closed(self, until: int) -> list[bytes]:
+        """Apply rounds ``rounds_applied .. until-1`` (all closed) from the ledger: how an
+        institution that (re)starts rebuilds the global model purely from the chain. Returns the
+        digests, one per applied round."""
+        return [self.apply_round(r) for r in range(self.rounds_applied, until)]
+
+    def sync_round(self, r: int) -> bytes:
+        """Replay round r from the ledger, aggregate, attest; returns the new global digest."""
+        digest = self.apply_round(r)
         t1 = time.perf_counter()
         self.ledger.attest(r, digest)
-        self.timings["replay"] += t1 - t0
         self.timings["chain"] += time.perf_counter() - t1
         return digest
 
@@ -270,15 +321,18 @@ class Institution:
         return self.model
 
 
-def check_attestations(ledger, r: int, expected: bytes, n_members: int) -> None:
-    """All n_members attestations of round r must equal `expected`; else raise naming the round."""
+def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = None) -> None:
+    """All n_members attestations of round r must equal `expected`; else raise naming the round.
+    n_members None (deployment: members may be absent or not attested yet): every attestation
+    recorded so far must equal `expected`, however many there are."""
     atts = ledger.attestations(r)
     bad = [a for a in atts if a.digest != expected]
-    if bad or len(atts) != n_members:
+    if bad or (n_members is not None and len(atts) != n_members):
         detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
+        of = f" of {n_members}" if n_members is not None else ""
         raise AttestationMismatchError(
             f"round {r}: institutions disagree on the global model (expected {expected.hex()[:16]}…, "
-            f"{len(atts)} of {n_members} attestations: {detail}); the run is stopped — check that "
+            f"{len(atts)}{of} attestations: {detail}); the run is stopped — check that "
             "every institution runs the same medchain version, model and task parameters")
 
 
@@ -302,18 +356,24 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
                       chain: str | None = "embedded", store: BlobStore | None = None,
                       eval_set: ImageSet | None = None, quiet: bool = True,
                       institution_kwargs: Callable[[int], dict] | None = None,
-                      round_callback: Callable[[int, list[Institution]], None] | None = None) -> CollabResult:
+                      round_callback: Callable[[int, list[Institution]], None] | None = None,
+                      initial_model: nn.Module | None = None) -> CollabResult:
     """Simulate collaborative training with every institution in this process.
 
     chain: "embedded" (in-process eth-tester chain), an ``http://`` node URL (anvil, geth, ...),
-      or None for the chain-free reference (:class:`MemoryLedger`).
+      an already connected ``Web3`` (e.g. a chain that also hosts a bridge), or None for the
+      chain-free reference (:class:`MemoryLedger`).
     eval_set: where the global model is scored each round (default: all institutions' test splits).
     institution_kwargs: per-institution extra arguments for :class:`Institution` (select, local_mask…).
+    initial_model: the task's initial model, whose digest the ledger records (default: a fresh
+      ``cfg.model`` drawn from ``cfg.seed``); every institution must start from exactly these
+      weights (pass each its own copy as ``init_model`` through institution_kwargs).
     """
     t_start = time.perf_counter()
     store = store if store is not None else MemoryBlobStore()
     eval_set = eval_set if eval_set is not None else pooled_test(institutions)
-    probe = build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
+    probe = initial_model if initial_model is not None else \
+        build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
     layout = Layout.from_module(probe)
     init_digest = digest_vector(model_vector(probe, layout), layout)
     if chain is None:
@@ -322,7 +382,7 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
         identity, block_hash = "memory", ""
     else:
         from medchain.chain import chain_identity, connect, deploy_ledger, dev_accounts, final_block_hash
-        w3 = connect(None if chain == "embedded" else chain)
+        w3 = connect(None if chain == "embedded" else chain) if isinstance(chain, str) else chain
         accounts = dev_accounts(w3, len(institutions) + 1)
         admin = deploy_ledger(w3, accounts[0], cfg.model, init_digest, cfg.rounds,
                               params={**cfg.to_dict(), "layout_id": layout.layout_id_hex},
