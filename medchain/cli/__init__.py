@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules under medchain.cli that provide sub-commands (each has register(subparsers)).
-_COMMAND_MODULES = ["data", "train", "chain", "reproduce"]
+_COMMAND_MODULES = ["data", "train", "chain", "reproduce", "node"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,186 @@
+"""`medchain node` (one institution process), `medchain task create` (deploy + start a task) and
+`medchain simulate` (an anvil node plus N institution processes on this machine)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def _add_training_args(p: argparse.ArgumentParser, rounds_default: int) -> None:
+    from medchain.protocol import CollabConfig
+    d = CollabConfig()
+    g = p.add_argument_group("training parameters (recorded on chain in the task params)")
+    g.add_argument("--rounds", type=int, default=rounds_default)
+    g.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr-floor", type=float, default=d.lr_floor)
+    g.add_argument("--optimizer", default=d.optimizer)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--prox-mu", type=float, default=d.prox_mu)
+    g.add_argument("--server-lr", type=float, default=d.server_lr)
+    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
+    g.add_argument("--aggregation", default=d.aggregation,
+                   help="mean | median | trimmed_mean[:beta] | norm_clip[:bound] | multi_krum[:f]")
+    g.add_argument("--theta-u", type=float, default=d.theta_u, help="fraction of each update uploaded")
+    g.add_argument("--theta-d", type=float, default=d.theta_d)
+    g.add_argument("--model", default=d.model)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-inline-bytes", type=int, default=d.max_inline_bytes)
+    g.add_argument("--max-abs-update", type=float, default=d.max_abs_update)
+    g.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false")
+    g.add_argument("--deadline-blocks", type=int, default=0,
+                   help="after D blocks anyone may close a round that has --quorum updates (0: no deadline)")
+    g.add_argument("--quorum", type=int, default=None, help="default: every member")
+
+
+def _config(args):
+    from medchain.protocol import CollabConfig
+    return CollabConfig(**{f.name: getattr(args, f.name) for f in fields(CollabConfig) if hasattr(args, f.name)})
+
+
+def _logging(level: str, prefix: str = "") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("web3", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("node", help="run one institution of a task on a JSON-RPC node (deployment mode)",
+                       description="Run one institution: read the task from the ledger, then train, submit, "
+                                   "replay and attest every round until the task ends. Resumes from the chain "
+                                   "after a restart.")
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL of the node (http(s):// or ws(s)://)")
+    p.add_argument("--ledger", required=True, help="address of the task's TaskLedger contract")
+    p.add_argument("--key-env", required=True, metavar="VAR",
+                   help="environment variable holding this institution's private key (never pass keys as arguments)")
+    p.add_argument("--data", default="simulated", help="data source (see `medchain data info`)")
+    p.add_argument("--partition", default="iid", help="iid | dirichlet | quantity | sites")
+    p.add_argument("--institutions", type=int, required=True, help="number of institutions in the split")
+    p.add_argument("--institution-index", type=int, required=True, help="this institution's share (0-based)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--fraction", type=float, default=1.0, help="keep this fraction of the train split")
+    p.add_argument("--seed", type=int, default=None, help="partition seed (default: the task's seed)")
+    p.add_argument("--blobs", default=None, help="blob store directory or URI (payloads above max_inline_bytes)")
+    p.add_argument("--metrics", type=Path, default=None, help="append one JSON line per round here")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1; bit-identical results need the same count everywhere)")
+    p.add_argument("--poll-interval", type=float, default=0.2, help="seconds between chain polls")
+    p.add_argument("--rpc-timeout", type=float, default=120.0,
+                   help="stop after the RPC endpoint has been unreachable this long (s)")
+    p.add_argument("--round-timeout", type=float, default=3600.0, help="stop after waiting this long for a round")
+    p.add_argument("--byzantine", default=None, metavar="KIND[:SCALE]",
+                   help="drills only: submit a malicious update (signflip, scale, random, huge)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_node)
+
+    t = sub.add_parser("task", help="create a collaborative task on a chain")
+    tsub = t.add_subparsers(dest="task_command", required=True)
+    c = tsub.add_parser("create", help="deploy, configure and start a TaskLedger; prints its address")
+    c.add_argument("--rpc", required=True)
+    c.add_argument("--key-env", required=True, metavar="VAR", help="environment variable with the admin's key")
+    c.add_argument("--members", required=True, help="comma-separated member addresses")
+    c.add_argument("--classes", type=int, default=None, help="number of classes (or give --data)")
+    c.add_argument("--channels", type=int, default=None, help="image channels (default 1, or from --data)")
+    c.add_argument("--data", default=None, help="infer --classes/--channels from this data source")
+    _add_training_args(c, 20)
+    c.set_defaults(func=_task_create)
+
+    s = sub.add_parser("simulate", help="an anvil chain plus N institution processes on this machine",
+                       description="Launch a local anvil node, create a task, run N `medchain node` processes "
+                                   "(keys passed in environment variables) and collect metrics.csv / summary.json.")
+    s.add_argument("--processes", type=int, default=3)
+    s.add_argument("--data", default="simulated:n=600")
+    s.add_argument("--partition", default="iid")
+    s.add_argument("--alpha", type=float, default=0.5)
+    s.add_argument("--fraction", type=float, default=1.0)
+    s.add_argument("--out", type=Path, default=Path("results/simulate"))
+    s.add_argument("--byzantine", default="", metavar="I:KIND[:SCALE],...",
+                   help="drills: institutions that submit malicious updates, e.g. '0:signflip,3:huge:5000'")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=1800.0)
+    s.add_argument("--chain-id", type=int, default=31337)
+    _add_training_args(s, 5)
+    s.set_defaults(func=_simulate)
+
+
+def _node(args) -> int:
+    import torch
+
+    from medchain.blobstore import store_for
+    from medchain.chain import key_from_env
+    from medchain.node import byzantine_select, load_institution, run_node
+
+    _logging(args.log_level, f"[institution {args.institution_index}] ")
+    torch.set_num_threads(args.threads)
+    account = key_from_env(args.key_env)
+
+    def data(cfg):   # the split uses the task's seed unless --seed is given, as the simulation does
+        inst, n_classes, _ = load_institution(args.data, args.partition, args.institutions,
+                                              args.institution_index, alpha=args.alpha, fraction=args.fraction,
+                                              seed=cfg.seed if args.seed is None else args.seed)
+        return inst, n_classes
+    select = None
+    if args.byzantine:
+        kind, _, scale = args.byzantine.partition(":")
+        select = byzantine_select(kind, float(scale) if scale else None, seed=args.institution_index)
+        logging.getLogger("medchain.node").warning("DRILL: this institution submits %s updates", args.byzantine)
+    res = run_node(args.rpc, args.ledger, account, data, store=store_for(args.blobs), select=select,
+                   poll_interval=args.poll_interval, rpc_timeout=args.rpc_timeout,
+                   round_timeout=args.round_timeout, metrics_path=args.metrics)
+    print(json.dumps({"final_digest": res.final_digest, "rounds": len(res.rounds)}))
+    return 0
+
+
+def _task_create(args) -> int:
+    from medchain.chain import connect, key_from_env
+    from medchain.node import create_task
+
+    _logging("INFO")
+    admin = key_from_env(args.key_env)
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    classes, channels = args.classes, args.channels
+    if args.data:
+        from medchain.data import load_dataset
+        ds = load_dataset(args.data)
+        classes = classes or ds.n_classes
+        channels = channels or ds.n_channels
+    if classes is None:
+        raise ValueError("give --classes K (or --data SOURCE to read it from the data)")
+    cfg = _config(args)
+    w3 = connect(args.rpc)
+    ledger = create_task(w3, admin, cfg, members, n_classes=classes, in_chans=channels or 1,
+                         deadline_blocks=args.deadline_blocks,
+                         quorum=args.quorum if args.quorum is not None else len(members))
+    print(ledger.address)
+    return 0
+
+
+def parse_byzantine(text: str) -> dict[int, str]:
+    """'0:signflip,3:huge:5000' → {0: 'signflip', 3: 'huge:5000'}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        idx, sep, kind = item.partition(":")
+        if not sep or not idx.isdigit() or not kind:
+            raise ValueError(f"bad --byzantine item {item!r}: expected INDEX:KIND[:SCALE]")
+        out[int(idx)] = kind
+    return out
+
+
+def _simulate(args) -> int:
+    from medchain.node import simulate
+
+    _logging("INFO")
+    summary = simulate(args.processes, _config(args), data=args.data, out=args.out, partition=args.partition,
+                       alpha=args.alpha, fraction=args.fraction, deadline_blocks=args.deadline_blocks,
+                       quorum=args.quorum, byzantine=parse_byzantine(args.byzantine), threads=args.threads,
+                       timeout=args.timeout, chain_id=args.chain_id)
+    keys = ("final_acc", "final_digest", "all_nodes_agree", "ledger_address", "final_block_hash", "wall_s",
+            "chain_overhead_pct")
+    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    return 0 if summary["all_nodes_agree"] else 1

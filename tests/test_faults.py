@@ -1,0 +1,106 @@
+"""Faults in deployment mode, on real anvil nodes with institutions as separate processes:
+the chain node stopped and restarted from its state file, the RPC endpoint unreachable for a while
+(retries with backoff, a clear error when it stays down, no corrupt state), and an institution
+killed mid-task (the round closes by the deadline/quorum rule; the institution rejoins from the chain)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_deploy import needs_anvil, reference_run, toy_source
+
+from medchain.chain import LedgerClient
+from medchain.chain.anvil import _rpc
+from medchain.data import load_dataset, partition
+from medchain.node import Deployment, rebuild_global
+from medchain.protocol import CollabConfig
+
+CFG = CollabConfig(rounds=3, batch_size=32, lr=3e-3, model="lenet")   # lenet: ~31 KB payloads, inline
+
+
+def _final_digests(dep: Deployment) -> set[str]:
+    return {m["final_digest"] for p in dep.nodes for m in p.metrics() if m["event"] == "final"}
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_chain_restart_and_rpc_outage_resume_bit_identical(tmp_path):
+    """anvil stops mid-training for ~8 s and restarts from its --state file: nodes 0 and 1 retry
+    (node-level backoff beyond the client's own retries, logged) and go on; node 2, whose
+    --rpc-timeout is 2 s, stops with a clear error, is restarted later and resumes from the chain.
+    The final global model is bit-identical to the uninterrupted in-process run."""
+    src = toy_source(tmp_path, size=28)
+    with Deployment(3, CFG, data=src, workdir=tmp_path / "run", node_args={2: ["--rpc-timeout", "2"]}) as dep:
+        dep.start_chain()
+        dep.create_task(1, 2)
+        dep.launch()
+        dep.start_task()
+        reader = LedgerClient(dep.w3, dep.ledger.address)
+        dep.wait_for(lambda: reader.current_round() >= 1, 120, "round 1 to open")
+        dep.stop_chain()
+        t_down = time.monotonic()
+        dep.wait_for(lambda: not dep.nodes[2].running, 60, "institution 2 to give up", tolerate=(2,))
+        assert dep.nodes[2].proc.returncode == 2
+        err = dep.nodes[2].log_tail()
+        assert "unreachable" in err and "rpc_timeout=2" in err and "resumes from the chain" in err
+        assert "Traceback" not in err
+        time.sleep(max(0.0, 8.0 - (time.monotonic() - t_down)))
+        dep.restart_chain()
+        dep.nodes[2].start()                      # restarted: rebuilds the model from the chain
+        codes = dep.wait(240)
+        assert codes == {0: 0, 1: 0, 2: 0}
+        ref = reference_run(src, 3, CFG)
+        assert _final_digests(dep) == {ref.final_digest.hex()}
+        for r, h in enumerate(ref.history):           # every round's attestations agree with the reference
+            assert {a.digest.hex() for a in reader.attestations(r)} == {h["digest"]}
+            assert len(reader.attestations(r)) == 3
+        log0 = dep.nodes[0].log_tail(20000)
+        assert "unreachable" in log0 and "retrying in" in log0 and "reachable again" in log0
+        log2 = dep.nodes[2].log_tail(20000)
+        assert "resuming:" in log2
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_killed_institution_round_closes_by_deadline_and_it_rejoins(tmp_path):
+    """Institution 2 is SIGKILLed during round 1. The others submit, wait, and once the deadline
+    block has passed with the quorum reached one of them closes the round itself; training goes on
+    without institution 2. Restarted, it catches up from the chain (replays and attests the rounds it
+    missed) and takes part in the next round. Every replica ends with the same model."""
+    deadline = 30
+    cfg = CollabConfig(**{**CFG.to_dict(), "rounds": 4})
+    src = toy_source(tmp_path, size=28)
+    # block_time=0: blocks only with transactions, so the test decides when a deadline passes
+    with Deployment(3, cfg, data=src, workdir=tmp_path / "run", deadline_blocks=deadline, quorum=2,
+                    block_time=0) as dep:
+        dep.start_chain()
+        dep.create_task(1, 2)
+        dep.launch()
+        dep.start_task()
+        reader = LedgerClient(dep.w3, dep.ledger.address)
+        victim = dep.accounts[3].address
+        dep.wait_for(lambda: reader.current_round() >= 1, 120, "round 1 to open")
+        dep.nodes[2].kill()
+        r = reader.current_round()
+        if reader.has_submitted(r, victim):           # it got its update in before dying
+            dep.wait_for(lambda: reader.current_round() > r, 60, f"round {r} to close", tolerate=(2,))
+            r += 1
+        dep.wait_for(lambda: reader.submitted_count(r) >= 2, 60, f"2 updates in round {r}", tolerate=(2,))
+        assert reader.round_close_block(r) == 0       # still open: waiting for the dead member
+        _rpc(dep.url, "anvil_mine", [hex(deadline + 1)])  # test only: let the deadline pass
+        dep.wait_for(lambda: reader.round_close_block(r) != 0, 60, f"a member to close round {r}",
+                     tolerate=(2,))
+        assert reader.submitted_count(r) == 2 and not reader.has_submitted(r, victim)
+        dep.nodes[2].start()                          # rejoin
+        codes = dep.wait(240)
+        assert codes == {0: 0, 1: 0, 2: 0}
+        assert reader.has_submitted(r + 1, victim)    # it takes part again
+        assert any(a.member == victim for a in reader.attestations(r))   # and attested what it missed
+        closer_logs = dep.nodes[0].log_tail(20000) + dep.nodes[1].log_tail(20000)
+        assert f"round {r}: deadline block" in closer_logs and "closed it" in closer_logs
+        finals = _final_digests(dep)
+        assert len(finals) == 1
+        ds = load_dataset(src)
+        observer = rebuild_global(reader, partition(ds, 3, "iid", seed=0)[0], 2)
+        assert finals == {observer.global_digest().hex()} == {reader.majority_digest(cfg.rounds - 1).hex()}
+        assert "resuming:" in dep.nodes[2].log_tail(20000)
