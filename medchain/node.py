@@ -549,7 +549,7 @@ def run_node(rpc: str, ledger_address: str, account, data, n_classes: int | None
             time.sleep(1.0)
     # gas limit = 2 × the estimate: whether an update closes its round (and pays for opening the next)
     # depends on the other members' updates mined just before it; unused gas is not charged
-    ledger = LedgerClient(w3, ledger_address, account, gas_margin=2.0)
+    ledger = LedgerClient(w3, ledger_address, account, gas_margin=1.2)
     node = InstitutionNode(ledger, data, n_classes, store=store, select=select, poll_interval=poll_interval,
                            rpc_timeout=rpc_timeout, round_timeout=round_timeout, metrics_path=metrics_path)
     return node.run()

@@ -97,7 +97,7 @@ def call(w3: Web3, to: str, data: bytes, *, decoder: RevertDecoder | None = None
 
 def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
                      decoder: RevertDecoder | None = None, contract: str | None = None,
-                     gas: int | None = None, gas_margin: float = GAS_MARGIN,
+                     gas: int | None = None, gas_margin: float = GAS_MARGIN, gas_headroom: int = 0,
                      timeout: float = 120.0, poll_latency: float = 0.05, wait: bool = True):
     """Simulate, sign (locally), send ``tx`` (keys ``to`` (absent to deploy), ``data`` (bytes),
     ``value``) from ``account``, wait for its receipt and return it (``wait=False``: return the
@@ -106,6 +106,8 @@ def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
     Raises the decoded ``LedgerError`` if the transaction would revert (nothing is sent) or did
     revert; ``PayloadTooLarge`` if it needs more gas than a block holds; ``LedgerTimeout`` if no
     receipt arrives within ``timeout`` seconds; ``ConnectionError`` if the node stays unreachable.
+    gas_headroom: gas added to the estimate for work the estimate may not have seen (state can
+    change between estimate and inclusion, e.g. another member's update arriving first).
     """
     decoder = decoder or _EMPTY_DECODER
     label = node_label(w3)
@@ -124,7 +126,7 @@ def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
             _raise_revert(exc, decoder, contract)
             _raise_funds(exc, account.address, label)
             raise
-        gas = max(math.ceil(estimate * gas_margin), calldata_floor_gas(data))
+        gas = max(math.ceil(estimate * gas_margin), calldata_floor_gas(data)) + gas_headroom
     else:
         estimate = gas
     block = with_retries(lambda: w3.eth.get_block("latest"), what="eth_getBlockByNumber", label=label)
