@@ -316,7 +316,6 @@ class InstitutionNode:
 
     # -------------------------------------------------------------- set-up
     def _setup(self) -> None:
-        from medchain.privacy import make_selector
         from medchain.protocol import AttestationMismatchError, Institution
 
         self.task = task = self.ledger.task()
@@ -326,10 +325,9 @@ class InstitutionNode:
                             f"ask its admin ({task.admin}) to add it (addMember) before starting this node")
         if callable(self.data):
             self.data, self.n_classes = self.data(cfg)
+        # with select None, Institution uploads the partial update the task's params ask for
         self.inst = inst = Institution(self.data, self.n_classes, cfg, self.ledger, self.store,
                                        select=self.select)
-        if self.select is None and cfg.theta_u < 1:   # partial update, as the task's params say
-            inst.select = make_selector(task.params, inst.layout, cfg.seed, institution=self.data.index)
         want = task.params.get("layout_id")
         if want is None:
             log.warning("the task records no layout_id; checking the initial model digest only")

@@ -37,6 +37,7 @@ from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_
 from medchain.chain.ledger import Attestation, Update
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.models import build_model
+from medchain.privacy import apply_download, download_mask, make_selector
 from medchain.params import Layout, digest_vector, load_flat, model_vector
 from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
 
@@ -54,7 +55,9 @@ class CollabConfig:
 
     lr decays by a cosine over rounds from lr to lr*lr_floor; each round's local training runs at
     that round's lr. prox_mu > 0 adds FedProx's proximal term; server_momentum > 0 is FedAvgM.
-    theta_u / theta_d: fractions of each update uploaded / of the global model downloaded.
+    theta_u / theta_d: fractions of each update uploaded / of the global model downloaded
+    (:mod:`medchain.privacy`); select_rule ("largest" | "random"), select_scope ("global" |
+    "layer"), gamma (clip bound) and sigma (noise) shape the upload when theta_u < 1.
     max_inline_bytes: payloads up to this size travel in the transaction, larger ones in the blob
     store. max_abs_update: any update value beyond ±this is refused as oversized.
     bn_recalibrate: after local training, recompute BatchNorm statistics exactly over the local
@@ -75,6 +78,10 @@ class CollabConfig:
     aggregation: str = "mean"
     theta_u: float = 1.0
     theta_d: float = 1.0
+    select_rule: str = "largest"
+    select_scope: str = "global"
+    gamma: float | None = None
+    sigma: float | None = None
     model: str = "cnn"
     seed: int = 0
     max_inline_bytes: int = 64_000
@@ -170,7 +177,10 @@ class Institution:
             build_model(cfg.model, data.train.n_channels, n_classes, cfg.seed)
         self.layout = Layout.from_module(self.model)
         self.global_vec = model_vector(self.model, self.layout)
+        if select is None and (cfg.theta_u < 1 or cfg.gamma is not None or cfg.sigma):
+            select = make_selector(cfg, self.layout, cfg.seed, institution=self.index)
         self.select = select
+        self.own_vec = self.global_vec.copy() if cfg.theta_d < 1 else None   # partial download
         self.local_mask = local_mask
         self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
         self.anchor, self.anchor_strength = anchor, anchor_strength
@@ -188,11 +198,13 @@ class Institution:
         return digest_vector(self.global_vec, self.layout)
 
     def working_vector(self) -> np.ndarray:
-        """The model this institution trains and uses: the global model, except its local-only
-        coordinates (if any), which keep their personal values."""
+        """The model this institution trains and uses: the global model (with θd < 1: its own
+        model with only the downloaded coordinates replaced), except its local-only coordinates
+        (if any), which keep their personal values."""
+        base = self.global_vec if self.own_vec is None else self.own_vec
         if self.local_mask is None:
-            return self.global_vec
-        return np.where(self.local_mask, self.local_vec, self.global_vec).astype(np.float32)
+            return base
+        return np.where(self.local_mask, self.local_vec, base).astype(np.float32)
 
     def train_round(self, r: int) -> np.ndarray:
         """Local training of round r from the current global model; returns Δ float32 (P,)."""
@@ -211,6 +223,8 @@ class Institution:
         trained = model_vector(self.model, self.layout)
         if self.local_mask is not None:
             self.local_vec = np.where(self.local_mask, trained, self.local_vec).astype(np.float32)
+        if self.own_vec is not None:
+            self.own_vec = trained
         self.timings["train"] += time.perf_counter() - t0
         return (trained.astype(np.float64) - start.astype(np.float64)).astype(np.float32)
 
@@ -296,7 +310,11 @@ class Institution:
         decoded = sorted(decoded, key=lambda rd: (bytes(rd[0].digest), int(rd[0].n_samples)))
         updates = [SparseUpdate(d.indices, d.values, float(rec.n_samples), self.layout.size)
                    for rec, d in decoded]
+        previous = self.global_vec
         self.global_vec = aggregate(self.global_vec, updates, self.cfg.aggregation, self.server)
+        if self.own_vec is not None:   # Shokri's θd: take only the most-changed global coordinates
+            mask = download_mask(self.global_vec, previous, self.cfg.theta_d)
+            self.own_vec = apply_download(self.own_vec, self.global_vec, mask)
         self.rounds_applied = r + 1
         self.timings["replay"] += time.perf_counter() - t0
         return self.global_digest()

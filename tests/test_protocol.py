@@ -109,3 +109,16 @@ def test_local_mask_coordinates_are_never_uploaded():
     rec = inst.ledger.updates(0)[0]
     dec = codec.decode_update(rec.payload or inst.store.get(rec.digest))
     assert not mask[dec.indices].any() and dec.n == int((~mask).sum())
+
+
+def test_partial_upload_and_download_follow_the_task_parameters():
+    cfg = CollabConfig(**{**CFG.to_dict(), "theta_u": 0.1, "theta_d": 0.5})
+    res = run_collaborative(_insts(2), 2, cfg, chain=None)
+    inst = res.institutions[0]
+    idx, vals = inst.last_upload
+    assert len(idx) == round(0.1 * inst.layout.size)
+    # the uploaded coordinates are the largest-magnitude ones of that round's update
+    assert inst.select.options["rule"] == "largest" and inst.select.options["theta_u"] == 0.1
+    # with θd < 1 an institution keeps its own model and takes only part of the global one
+    assert inst.own_vec is not None
+    assert 0 < np.mean(inst.own_vec == inst.global_vec) < 1
