@@ -1,0 +1,29 @@
+"""Leakage attacks on what the chain reveals (breaching-style: *cases* and *attacks* apart).
+
+Gradient inversion (:mod:`medchain.attacks.inversion`)
+    An :class:`InversionCase` builds a threat setting — ``worst_case`` (one image, one gradient
+    step, untrained sigmoid LeNet) or ``protocol`` (an institution's real local update of E epochs
+    over B images with the trained CNN) — and returns the on-chain payload (bytes, encoded with
+    :mod:`medchain.codec` after partial-update selection, :mod:`medchain.privacy`) plus the public
+    task information a chain member knows. :func:`invert` reads only those two: it decodes the
+    payload exactly as any chain member does and runs DLG, iDLG or Inverting Gradients, as a
+    ``naive`` or ``mask_aware`` attacker; the case's private images only score the result.
+
+Membership inference (:mod:`medchain.attacks.membership`)
+    :func:`loss_attack` (Yeom et al. 2018) and :func:`lira_attack` (LiRA, Carlini et al. 2022) on a
+    shared model; both return :class:`MIAResult` (AUC, TPR at 1 % and 0.1 % FPR).
+
+>>> case = InversionCase.worst_case(image, label, num_classes=3, theta_u=0.1)   # doctest: +SKIP
+>>> rec = invert(case.payload, case, method="ig", attacker="mask_aware")       # doctest: +SKIP
+>>> rec.metrics["psnr"], rec.metrics["ssim"]                                     # doctest: +SKIP
+"""
+from medchain.attacks.inversion import (ATTACKERS, METHODS, InversionCase, PublicInfo,
+                                        Reconstruction, decode_target, invert, recover_labels)
+from medchain.attacks.membership import (MIAResult, lira_attack, lira_scores, logit_confidence,
+                                         loss_attack, mia_metrics, per_example_loss)
+
+__all__ = [
+    "ATTACKERS", "METHODS", "InversionCase", "PublicInfo", "Reconstruction", "decode_target",
+    "invert", "recover_labels",
+    "MIAResult", "lira_attack", "lira_scores", "logit_confidence", "loss_attack", "mia_metrics", "per_example_loss",
+]
