@@ -30,7 +30,7 @@ reproduce-full: venv node
 	$(VENV)/bin/medchain reproduce
 
 test: venv node
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider tests --nbval-lax notebooks
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

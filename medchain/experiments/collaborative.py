@@ -53,7 +53,9 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
     ref = None
     if with_reference and chain is not None:
         ref = run_collaborative(insts, dataset.n_classes, cfg, chain=None, quiet=quiet)
-    return PartitionRun(scheme, rows, pd.DataFrame(curves).assign(partition=scheme), col, ref)
+    return PartitionRun(scheme, rows, pd.DataFrame(curves).assign(partition=scheme), col, ref,
+                        extra={"passes": {"centralized": epochs, "local_only": epochs,
+                                          "collaborative": cfg.rounds * cfg.local_epochs}})
 
 
 def partition_summary(run: PartitionRun, tolerance: float) -> dict:
@@ -78,6 +80,7 @@ def partition_summary(run: PartitionRun, tolerance: float) -> dict:
         "rounds": int(len(run.collab.history)),
         "rounds_to_within_tolerance": int(reached.index[0]) if len(reached) else None,
         "holds": bool(abs(col - cen) <= tolerance and col > loc),
+        "passes_over_local_data": run.extra.get("passes"),
         "final_global_digest": run.collab.final_digest.hex(),
         "ledger_address": run.collab.ledger_address,
         "chain_identity": run.collab.chain_identity,
