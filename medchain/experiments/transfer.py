@@ -1,0 +1,545 @@
+"""Claim 3: a task on one chain uses auxiliary information from a similar task on another chain,
+sent peer to peer between the chains. Used by notebooks/03_cross_chain_transfer.ipynb.
+
+The scenario, end to end:
+
+1. **Source task on chain A.** Institutions of a source consortium train collaboratively over their
+   own chain (:func:`train_source`: :func:`medchain.protocol.run_collaborative` on a fresh embedded
+   chain or a node URL). Every member then publishes the global model it computed into chain A's
+   blob store (:func:`medchain.crosschain.publish_global_model`); its sha256 is the digest it attested.
+2. **Chain B** (:func:`open_target_chain`): the target consortium's chain. Its governance deploys a
+   Bridge and registers chain A's task as a source — its members as signers, a quorum ``k``.
+3. **Peer-to-peer transfer** (:func:`bridge_transfer`): a :class:`~medchain.crosschain.Relayer`
+   takes the finished task's majority attested digest, asks chain A's members to sign (each signs
+   only if the digest equals the global model *it* computed: :class:`~medchain.crosschain.MemberSigner`),
+   copies the payload to chain B's blob store and relays the message; the bridge accepts it only
+   with ``k`` valid member signatures.
+4. **Target task on chain B** (:func:`run_target`): collaborative training on chain B (a new task
+   ledger on the same chain as the bridge). With transfer, every target institution
+   :func:`~medchain.crosschain.receive`\\ s the payload itself (verified against the accepted digest)
+   and uses it: ``"warm_start"`` copies the source's feature extractor (the classifier head is never
+   transferred, it starts fresh); ``"l2sp"`` warm-starts too and adds the L2-SP penalty
+   ``(β/2)·Σ‖w − w_source‖²`` over the feature parameters to every local step (Li et al., ICML 2018,
+   where the starting point is the source model); ``"none"`` trains from scratch.
+
+:func:`run_sweep` repeats step 4 over target data fractions × methods × seeds (one chain B and one
+bridge message per seed), :func:`summarize` computes the numbers that decide the claim (final ACC
+gain, rounds to reach the no-transfer run's final ACC, speed-up) and the verdict.
+
+Simulated data (:func:`make_tasks`): the source is the simulated chest-CT nodule task at sites 0–4
+(their own scanners and label mixes); the target is the *same* three-class task at unseen sites
+(``site_offset``: other scanners — dose, views, reconstruction filter, blur, calibration, display
+window) with another lesion mix (``class_probs``, default more malignant nodules: a referral
+population). Related, but shifted in both images and labels; ``target_label_map`` gives the
+target another label definition too (e.g. malignant vs not), and :func:`source_on_target` scores
+the source model as it is on the target, to show how far apart the tasks are. Real data: any two
+MedMNIST sets with the same number of channels (e.g. source ``pneumoniamnist``, target
+``breastmnist``); the number of classes may differ, because the head is never transferred.
+
+Chain identities: in-process chains all share one chain id and start with the same funded
+accounts, so the same contract address can appear on two of them; here chain B's bridge is
+deployed by its governance (dev account 9) and the relay is sent by dev account 0 (the target
+consortium's task admin) before it deploys the target ledgers, so no address on chain B repeats
+chain A's ledger, and :func:`genesis_hash` tells the chains apart. Real nodes have distinct ids.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from medchain.blobstore import BlobStore, MemoryBlobStore
+from medchain.crosschain import (BridgeClient, MemberSigner, RelayResult, Relayer, deploy_bridge,
+                                 parse_model_payload, publish_global_model, receive)
+from medchain.data import Dataset, ImageSet, InstitutionData, partition
+from medchain.models import build_model
+from medchain.params import Layout
+from medchain.protocol import CollabConfig, CollabResult, run_collaborative
+from medchain.transfer import l2sp_anchor, warm_start
+
+__all__ = [
+    "METHODS", "METHOD_LABELS", "SourceTask", "TargetChain", "TransferSweep",
+    "make_tasks", "relabel", "split_institutions", "train_source", "source_on_target",
+    "open_target_chain", "genesis_hash", "bridge_transfer",
+    "local_epochs_for", "receive_source_model", "run_target", "run_sweep",
+    "rounds_to", "per_seed_table", "summarize", "plot_curves", "plot_vs_fraction",
+]
+
+#: Target-task methods: no transfer, warm start of the feature extractor, L2-SP.
+METHODS: tuple[str, ...] = ("none", "warm_start", "l2sp")
+METHOD_LABELS = {"none": "no transfer", "warm_start": "warm start", "l2sp": "L2-SP"}
+_COLORS = {"none": "tab:gray", "warm_start": "tab:blue", "l2sp": "tab:red"}
+
+#: Default lesion mix of the simulated target task (no nodule, benign, malignant): a referral
+#: population with more malignant nodules than the source's pooled mix (0.4, 0.3, 0.3).
+TARGET_CLASS_PROBS = (0.2, 0.3, 0.5)
+
+
+# ============================================================================ data
+def make_tasks(source: str = "simulated", target: str = "simulated", *, source_n: int = 10_000,
+               source_sites: int = 5, target_n: int = 4_800, target_sites: int = 2,
+               target_site_offset: int = 5, target_class_probs: Sequence[float] | None = TARGET_CLASS_PROBS,
+               target_label_map: Sequence[int] | None = None, data_seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The source and target data sets.
+
+    ``"simulated"``: source = :func:`~medchain.data.simulate_ct` with ``source_n`` images at sites
+    ``0 … source_sites-1``; target = ``target_n`` images at the unseen sites ``target_site_offset …``
+    (other scanners) with the lesion mix ``target_class_probs`` at every target site (None: each
+    site's own mix), drawn with another data seed. Anything else is passed to
+    :func:`~medchain.data.load_dataset` (a MedMNIST flag, an .npz path, an image folder).
+    target_label_map: another label definition for the target, ``new label = map[old label]``
+    (e.g. ``(0, 0, 1)``: malignant vs not, a binary task on the simulated data).
+    """
+    from medchain.data import load_dataset, simulate_ct
+    if source == "simulated":
+        src = simulate_ct(source_n, source_sites, data_seed)
+    else:
+        src = load_dataset(source)
+    if target == "simulated":
+        if source == "simulated" and target_site_offset < source_sites:
+            raise ValueError(f"target_site_offset={target_site_offset} reuses source sites 0..{source_sites - 1}: "
+                             "the target task must be at unseen sites")
+        probs = None if target_class_probs is None else np.tile(np.asarray(target_class_probs, float),
+                                                                (target_sites, 1))
+        tgt = simulate_ct(target_n, target_sites, data_seed + 1, site_offset=target_site_offset,
+                          class_probs=probs)
+        tgt.name = "simulated_ct_target"
+    else:
+        tgt = load_dataset(target)
+    if target_label_map is not None:
+        tgt = relabel(tgt, target_label_map)
+    if src.train.n_channels != tgt.train.n_channels:
+        raise ValueError(f"the source has {src.train.n_channels} image channel(s), the target "
+                         f"{tgt.train.n_channels}: the feature extractor cannot be transferred; pick two "
+                         "data sets with the same number of channels")
+    return src, tgt
+
+
+def relabel(ds: Dataset, label_map: Sequence[int]) -> Dataset:
+    """``ds`` with label ``c`` replaced by ``label_map[c]`` (a new label definition; every new class
+    0 … max must occur). Class names join the old names they merge."""
+    lm = np.asarray(label_map, dtype=np.int64)
+    if lm.shape != (ds.n_classes,):
+        raise ValueError(f"label_map needs one new label per class ({ds.n_classes}), got {list(label_map)}")
+    k = int(lm.max()) + 1
+    if lm.min() < 0 or set(lm.tolist()) != set(range(k)) or k < 2:
+        raise ValueError(f"label_map {list(label_map)} must map onto 0 … k-1 (k >= 2), every value used")
+    names = list(ds.class_names) or [str(c) for c in range(ds.n_classes)]
+    new_names = [" + ".join(names[c] for c in range(ds.n_classes) if lm[c] == j) for j in range(k)]
+    split = lambda s: ImageSet(s.images, lm[s.labels], s.site)  # noqa: E731
+    return Dataset(name=ds.name, train=split(ds.train), val=split(ds.val), test=split(ds.test), n_classes=k,
+                   class_names=new_names, source=f"{ds.source};labels={'/'.join(map(str, lm))}")
+
+
+def split_institutions(ds: Dataset, institutions: int | None = None, *, fraction: float = 1.0,
+                       seed: int = 0, no_sites: int = 2) -> list[InstitutionData]:
+    """``institutions`` None: one institution per site when the data set has sites (the simulated
+    data), else an IID split into ``no_sites`` institutions (MedMNIST has no sites); an integer: an
+    IID split into that many. Each institution keeps ``fraction`` of its training split."""
+    if institutions is None:
+        if ds.train.site is not None:
+            return partition(ds, None, "sites", fraction=fraction, seed=seed)
+        institutions = no_sites
+    return partition(ds, institutions, "iid", fraction=fraction, seed=seed)
+
+
+# ============================================================================ chain A: the source
+@dataclass
+class SourceTask:
+    """The finished source task on chain A: its run, its members (keys and the global-model digest
+    each computed, per round), its blob store holding the published global model, and its layout."""
+
+    result: CollabResult
+    dataset: str
+    n_classes: int
+    n_channels: int
+    model: str
+    members: list            # LocalAccount of each member
+    own_digests: list[dict]  # per member: round -> digest of the global model it computed
+    store: BlobStore
+    layout: Layout
+    vector: np.ndarray
+
+    @property
+    def ledger(self):
+        """A read-only client of the source task's ledger on chain A."""
+        return self.result.institutions[0].ledger.as_account(None)
+
+    @property
+    def chain_id(self) -> int:
+        return self.ledger.w3.eth.chain_id
+
+    @property
+    def final_acc(self) -> float:
+        return float(self.result.history[-1]["acc"])
+
+
+def train_source(ds: Dataset, cfg: CollabConfig, *, institutions: int | None = 3,
+                 chain: str = "embedded", store: BlobStore | None = None, quiet: bool = True) -> SourceTask:
+    """Collaborative training of the source task on its own chain A (``chain``: "embedded" = a fresh
+    in-process chain, or a node URL), ``institutions`` members (None: one per site, IID split
+    otherwise). Afterwards every member publishes the global model it computed into chain A's blob
+    store; the round callback records each member's own digest of every round (what it will sign)."""
+    if chain is None:
+        raise ValueError("the source task must run on a chain (chain=None is the chain-free reference)")
+    insts = split_institutions(ds, institutions, seed=cfg.seed)
+    own: dict[int, dict[int, bytes]] = {}
+
+    def remember(r, members):
+        for i, m in enumerate(members):
+            own.setdefault(i, {})[r] = m.global_digest()
+
+    res = run_collaborative(insts, ds.n_classes, cfg, chain=chain, quiet=quiet, round_callback=remember)
+    store = store if store is not None else MemoryBlobStore("chain-A")
+    for m in res.institutions:      # each member publishes its own global model
+        if publish_global_model(store, m.global_vec, m.layout) != m.global_digest():
+            raise RuntimeError(f"member {m.index}: the published payload does not hash to its attested digest")
+    first = res.institutions[0]
+    return SourceTask(res, ds.source or ds.name, ds.n_classes, ds.train.n_channels, cfg.model,
+                      [m.ledger.account for m in res.institutions], [own[i] for i in range(len(insts))],
+                      store, first.layout, first.global_vec.copy())
+
+
+def source_on_target(source: SourceTask, target_ds: Dataset) -> dict | None:
+    """How different the tasks are: the source's final global model, unchanged (its own head), scored
+    on the target's pooled test split — only when both tasks have the same classes (else None)."""
+    from medchain.training import evaluate
+    if source.n_classes != target_ds.n_classes:
+        return None
+    return evaluate(source.result.model, target_ds.test)
+
+
+# ============================================================================ chain B: the bridge
+@dataclass
+class TargetChain:
+    """Chain B: a Web3 connection, its governance account, its Bridge and its blob store."""
+
+    w3: object
+    governance: object
+    bridge: BridgeClient
+    store: BlobStore
+
+    @property
+    def identity(self) -> str:
+        return self.bridge.identity
+
+
+def open_target_chain(chain: str = "embedded", *, store: BlobStore | None = None,
+                      governance_index: int = 9) -> TargetChain:
+    """Connect chain B (a fresh embedded chain, or a node URL) and deploy its Bridge, administered by
+    chain B's governance (dev account ``governance_index``)."""
+    from medchain.chain import connect, dev_accounts
+    w3 = connect(None if chain in (None, "embedded") else chain)
+    gov = dev_accounts(w3, governance_index + 1)[governance_index]
+    return TargetChain(w3, gov, deploy_bridge(w3, gov), store if store is not None else MemoryBlobStore("chain-B"))
+
+
+def genesis_hash(w3) -> str:
+    """Hash of block 0. In-process chains all share one chain id and start with the same accounts
+    and nonces, so a contract address can repeat on two of them; their genesis hashes differ."""
+    return "0x" + bytes(w3.eth.get_block(0)["hash"]).hex()
+
+
+def bridge_transfer(source: SourceTask, chain_b: TargetChain, *, quorum: int = 2,
+                    relayer_index: int = 0) -> RelayResult:
+    """Carry the source task's final global model to chain B: chain B's governance registers the
+    source (chain id + ledger address, its members as signers, ``quorum``), a relayer (any funded
+    account of chain B; by default dev account 0, the target consortium's task admin, which then
+    deploys the target task ledgers) builds the message from chain A's majority attested digest,
+    every member signs only if the digest is the global model it computed, and the bridge accepts
+    it with ``quorum`` valid signatures. Returns the relay result (``.id``: the accepted message id)."""
+    from medchain.chain import dev_accounts
+    ledger = source.ledger
+    quorum = min(quorum, len(source.members))
+    chain_b.bridge.register_source(source.chain_id, ledger.address, [m.address for m in source.members], quorum)
+    relayer_acct = dev_accounts(chain_b.w3, relayer_index + 1)[relayer_index]
+    relayer = Relayer(ledger, chain_b.bridge.as_account(relayer_acct), source.store, chain_b.store)
+    signers = [MemberSigner(acct, digests, source_chain_id=source.chain_id, source_ledger=ledger.address)
+               for acct, digests in zip(source.members, source.own_digests)]
+    return relayer.relay(signers)
+
+
+# ============================================================================ the target task
+def local_epochs_for(institutions: list[InstitutionData], batch_size: int, min_local_steps: int,
+                     base: int = 1) -> int:
+    """Local epochs per round so that the smallest institution makes at least ``min_local_steps``
+    optimizer steps per round (scarce data: a few images are one step per epoch)."""
+    smallest = min(len(i.train) for i in institutions)
+    steps = max(1, math.ceil(smallest / batch_size))
+    return max(base, math.ceil(min_local_steps / steps))
+
+
+def receive_source_model(chain_b: TargetChain, message_id: bytes, source_layout: Layout, model: str,
+                         n_channels: int, n_classes: int, seed: int, method: str = "warm_start"):
+    """What one target institution does on its own: receive the payload of the accepted message
+    ``message_id`` from chain B's bridge (verified against the accepted digest), parse it over the
+    source task's layout, build its own model (``model``, drawn from ``seed``: the head stays this
+    fresh one) and warm-start the feature extractor. Returns ``(model, anchor)``; the L2-SP anchor
+    (``{feature parameter name: source tensor}``) only for ``method == "l2sp"``, else None."""
+    payload = receive(chain_b.bridge.as_account(None), message_id, chain_b.store)
+    vec = parse_model_payload(payload, source_layout)
+    net = build_model(model, n_channels, n_classes, seed)
+    warm_start(net, vec, source_layout)
+    anchor = l2sp_anchor(vec, source_layout, net) if method == "l2sp" else None
+    return net, anchor
+
+
+def run_target(institutions: list[InstitutionData], n_classes: int, cfg: CollabConfig, method: str,
+               chain_b: TargetChain, *, message_id: bytes | None = None, source_layout: Layout | None = None,
+               anchor_strength: float = 0.01, quiet: bool = True) -> CollabResult:
+    """Collaborative training of the target task on chain B with ``method`` ∈ :data:`METHODS`.
+
+    With transfer, every institution receives the bridged payload itself (``message_id`` on chain
+    B's bridge, ``source_layout``: the source task's model layout) and starts from the warm-started
+    model — also the task's initial model recorded on the new ledger; ``"l2sp"`` adds the penalty
+    of strength ``anchor_strength`` (β) toward the source's feature weights in every local step."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method == "none":
+        return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=MemoryBlobStore(),
+                                 quiet=quiet)
+    if message_id is None or source_layout is None:
+        raise ValueError(f"method {method!r} needs the bridge message_id and the source_layout")
+    n_ch = institutions[0].train.n_channels
+    # the target task's initial model (recorded on its ledger): what every institution will build
+    initial, _ = receive_source_model(chain_b, message_id, source_layout, cfg.model, n_ch, n_classes, cfg.seed)
+
+    def kwargs(idx: int) -> dict:   # each institution receives, verifies and warm-starts on its own
+        net, anchor = receive_source_model(chain_b, message_id, source_layout, cfg.model, n_ch, n_classes,
+                                           cfg.seed, method)
+        out = {"init_model": net}
+        if anchor is not None:
+            out.update(anchor=anchor, anchor_strength=anchor_strength)
+        return out
+
+    return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=MemoryBlobStore(),
+                             quiet=quiet, institution_kwargs=kwargs, initial_model=initial)
+
+
+# ============================================================================ the sweep
+@dataclass
+class TransferSweep:
+    """Everything measured: learning curves (one row per fraction, method, seed, round), the source
+    task, and per seed chain B's bridge, message id and final block hash."""
+
+    curves: pd.DataFrame
+    source: SourceTask
+    chains: dict = field(default_factory=dict)     # seed -> {"bridge", "identity", "message_id", ...}
+    runs: list = field(default_factory=list)       # one dict per target run (ledger address, digest, ...)
+    rounds: int = 0
+    wall_s: float = 0.0
+    targets: dict = field(default_factory=dict, repr=False)   # seed -> TargetChain (live chain B)
+
+
+def run_sweep(source: SourceTask, target_ds: Dataset, cfg: CollabConfig, *,
+              fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.25, 1.0), methods: Sequence[str] = METHODS,
+              seeds: Sequence[int] = (0, 1, 2), target_institutions: int | None = None,
+              min_local_steps: int = 8, anchor_strength: float = 0.01, quorum: int = 2,
+              chain: str = "embedded", quiet: bool = True, progress=None) -> TransferSweep:
+    """For each seed: open chain B (bridge deployed), relay the source's global model, then train the
+    target task on chain B for every fraction × method. ``cfg`` is the target task's configuration
+    (its seed is replaced by each seed; its local epochs raised per fraction by
+    :func:`local_epochs_for`). The seed draws the target institutions' training subset, the model
+    initialisation and the shuffling; the evaluation set (the target's pooled test split) is the
+    same for every fraction."""
+    t0 = time.perf_counter()
+    rows, chains, runs, targets = [], {}, [], {}
+    for seed in seeds:
+        chain_b = targets[int(seed)] = open_target_chain(chain)
+        relay = bridge_transfer(source, chain_b, quorum=quorum)
+        chains[int(seed)] = {"bridge": chain_b.bridge.address, "bridge_identity": chain_b.identity,
+                             "genesis_hash": genesis_hash(chain_b.w3),
+                             "message_id": "0x" + relay.id.hex(), "signers": relay.signers,
+                             "relay_gas": relay.gas_used, "refusals": relay.refusals}
+        for frac in fractions:
+            insts = split_institutions(target_ds, target_institutions, fraction=frac, seed=int(seed))
+            epochs = local_epochs_for(insts, cfg.batch_size, min_local_steps, cfg.local_epochs)
+            run_cfg = replace(cfg, seed=int(seed), local_epochs=epochs)
+            n_train = sum(len(i.train) for i in insts)
+            for method in methods:
+                res = run_target(insts, target_ds.n_classes, run_cfg, method, chain_b, message_id=relay.id,
+                                 source_layout=source.layout, anchor_strength=anchor_strength, quiet=quiet)
+                for h in res.history:
+                    rows.append({"fraction": float(frac), "method": method, "seed": int(seed), "round": h["round"],
+                                 "n_train": n_train, "local_epochs": epochs,
+                                 **{k: h[k] for k in ("acc", "balanced_acc", "auc", "loss") if k in h}})
+                runs.append({"fraction": float(frac), "method": method, "seed": int(seed), "n_train": n_train,
+                             "local_epochs": epochs, "ledger_address": res.ledger_address,
+                             "chain_identity": res.chain_identity, "final_digest": res.final_digest.hex(),
+                             "final_acc": float(res.history[-1]["acc"]), "wall_s": res.wall_s})
+                if progress is not None:
+                    progress(runs[-1])
+        chains[int(seed)]["final_block_hash"] = _block_hash(chain_b.w3)
+        chains[int(seed)]["block_number"] = int(chain_b.w3.eth.block_number)
+    return TransferSweep(pd.DataFrame(rows), source, chains, runs, cfg.rounds, time.perf_counter() - t0, targets)
+
+
+def _block_hash(w3) -> str:
+    from medchain.chain import final_block_hash
+    return final_block_hash(w3)
+
+
+# ============================================================================ numbers and verdict
+def rounds_to(accs: Sequence[float], target: float) -> int | None:
+    """The first round (1-based) whose ACC reaches ``target`` (within 1e-9), or None."""
+    for r, a in enumerate(accs, start=1):
+        if a >= target - 1e-9:
+            return r
+    return None
+
+
+def per_seed_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per (fraction, method, seed): final ACC / AUC, best ACC, the no-transfer run's final
+    ACC at the same fraction and seed (the target), rounds to reach it (None: never), gain and
+    speed-up over no transfer."""
+    rows = []
+    for (frac, seed), g in curves.groupby(["fraction", "seed"]):
+        ref = g[g.method == "none"].sort_values("round")
+        if ref.empty:
+            raise ValueError("the sweep needs the 'none' method (no transfer) as the reference")
+        target = float(ref.acc.iloc[-1])
+        ref_rounds = rounds_to(ref.acc.tolist(), target)
+        for method, m in g.groupby("method", sort=False):
+            m = m.sort_values("round")
+            r = rounds_to(m.acc.tolist(), target)
+            rows.append({"fraction": frac, "method": method, "seed": seed, "n_train": int(m.n_train.iloc[0]),
+                         "final_acc": float(m.acc.iloc[-1]), "best_acc": float(m.acc.max()),
+                         "final_auc": float(m.auc.iloc[-1]) if "auc" in m else float("nan"),
+                         "target_acc": target, "rounds_to_target": r, "reference_rounds": ref_rounds,
+                         "gain": float(m.acc.iloc[-1]) - target,
+                         "speedup": (ref_rounds / r) if r else float("nan")})
+    order = {m: i for i, m in enumerate(METHODS)}
+    return (pd.DataFrame(rows).assign(_o=lambda d: d.method.map(order))
+            .sort_values(["fraction", "_o", "seed"]).drop(columns="_o").reset_index(drop=True))
+
+
+def summarize(sweep: TransferSweep, *, verdict_fraction: float = 0.05, min_speedup: float = 2.0,
+              min_gain: float = 0.05, plentiful: float = 0.5) -> dict:
+    """The numbers that decide claim 3, per fraction and method (mean ± std over seeds), and the
+    verdicts. A run that never reaches the target counts as ``rounds + 1`` in the mean rounds
+    (censored; ``never_reached`` says how often). Speed-up = mean rounds of no transfer / mean
+    rounds of the method. At ``verdict_fraction`` the claim holds for a method when its speed-up
+    is at least ``min_speedup`` or its mean final ACC gain is at least ``min_gain``. When the sweep
+    holds a scarce fraction (≤ ``verdict_fraction``) and a plentiful one (≥ ``plentiful``), a second
+    verdict checks that the best transfer gain is larger at the smallest fraction than at the largest."""
+    from medchain.results import verdict
+    table = per_seed_table(sweep.curves)
+    R = sweep.rounds
+    per_fraction: dict = {}
+    for frac, g in table.groupby("fraction"):
+        ref = g[g.method == "none"]
+        ref_rounds = float(ref.reference_rounds.mean())
+        entry = {"n_train": int(g.n_train.iloc[0]), "target_acc_mean": float(ref.final_acc.mean())}
+        for method, m in g.groupby("method", sort=False):
+            rounds = m.rounds_to_target.fillna(R + 1).astype(float)
+            entry[method] = {
+                "final_acc_mean": float(m.final_acc.mean()), "final_acc_std": _std(m.final_acc),
+                "final_acc_min": float(m.final_acc.min()), "final_acc_max": float(m.final_acc.max()),
+                "best_acc_mean": float(m.best_acc.mean()),
+                "final_auc_mean": float(m.final_auc.mean()),
+                "gain_mean": float(m.gain.mean()), "gain_std": _std(m.gain),
+                "rounds_to_target_mean": float(rounds.mean()),
+                "rounds_to_target": [None if pd.isna(v) else int(v) for v in m.rounds_to_target],
+                "never_reached": int(m.rounds_to_target.isna().sum()),
+                "speedup": ref_rounds / float(rounds.mean()),
+                "per_seed_final_acc": [float(v) for v in m.final_acc],
+            }
+        per_fraction[f"{frac:g}"] = entry
+    verdicts = []
+    key = _closest(per_fraction, verdict_fraction)
+    transfer_methods = [m for m in METHODS if m != "none" and m in set(table.method)]
+    if key is not None:
+        e = per_fraction[key]
+        for m in transfer_methods:
+            s, g = e[m]["speedup"], e[m]["gain_mean"]
+            holds = s >= min_speedup or g >= min_gain
+            verdicts.append(verdict(
+                f"claim 3 ({METHOD_LABELS[m]}, {float(key):.0%} target data): transfer reaches the no-transfer "
+                f"final ACC in ≤ 1/{min_speedup:g} of the rounds, or its final ACC is ≥ {100 * min_gain:g} "
+                "points higher",
+                holds,
+                f"final ACC {e[m]['final_acc_mean']:.3f} ± {e[m]['final_acc_std']:.3f} vs no transfer "
+                f"{e['none']['final_acc_mean']:.3f} ± {e['none']['final_acc_std']:.3f} (gain {g:+.3f}); rounds to "
+                f"{e['target_acc_mean']:.3f}: {e[m]['rounds_to_target_mean']:.1f} vs "
+                f"{e['none']['rounds_to_target_mean']:.1f} (speed-up {s:.2f}×); {len(table.seed.unique())} seed(s)"))
+    fr = sorted(per_fraction, key=float)
+    if len(fr) >= 2 and transfer_methods and float(fr[0]) <= verdict_fraction and float(fr[-1]) >= plentiful:
+        lo, hi = fr[0], fr[-1]
+        best_lo = max(per_fraction[lo][m]["gain_mean"] for m in transfer_methods)
+        best_hi = max(per_fraction[hi][m]["gain_mean"] for m in transfer_methods)
+        verdicts.append(verdict(
+            "claim 3 (scarcity): the accuracy gain of transfer is largest when target data are scarce",
+            best_lo > best_hi,
+            f"best gain at {float(lo):.0%}: {best_lo:+.3f}; at {float(hi):.0%}: {best_hi:+.3f}"))
+    return {"per_fraction": per_fraction, "verdicts": verdicts, "verdict_fraction": float(key) if key else None,
+            "per_seed": table.to_dict(orient="records")}
+
+
+def _std(s: pd.Series) -> float:
+    return float(s.std(ddof=1)) if len(s) > 1 else 0.0
+
+
+def _closest(per_fraction: dict, value: float) -> str | None:
+    keys = [k for k in per_fraction if math.isclose(float(k), value, rel_tol=1e-6)]
+    return keys[0] if keys else None
+
+
+# ============================================================================ figures
+def plot_curves(curves: pd.DataFrame, as_is: float | None = None):
+    """Target test ACC vs round, one panel per fraction, mean over seeds with min–max band.
+    as_is: the source model's ACC on the target as it is (:func:`source_on_target`), drawn dashed."""
+    fracs = sorted(curves.fraction.unique())
+    fig, axes = plt.subplots(1, len(fracs), figsize=(4.2 * len(fracs), 3.6), squeeze=False, sharey=True)
+    for ax, frac in zip(axes[0], fracs):
+        c = curves[curves.fraction == frac]
+        for method in [m for m in METHODS if m in set(c.method)]:
+            g = c[c.method == method].groupby("round").acc
+            mean, lo, hi = g.mean(), g.min(), g.max()
+            ax.plot(mean.index, mean.values, color=_COLORS[method], lw=2, label=METHOD_LABELS[method])
+            ax.fill_between(mean.index, lo.values, hi.values, color=_COLORS[method], alpha=0.15)
+        if as_is is not None:
+            ax.axhline(as_is, color="k", lw=1, ls="--", label="source model as it is")
+        n = int(c.n_train.iloc[0])
+        ax.set_title(f"{frac:.0%} of target training data ({n} images)", fontsize=10)
+        ax.set_xlabel("round on chain B")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("target test accuracy")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_vs_fraction(summary: dict, rounds: int):
+    """Final ACC and rounds to the no-transfer final ACC vs target data fraction (mean ± std over
+    seeds; log-scaled fraction axis)."""
+    pf = summary["per_fraction"]
+    fr = sorted(pf, key=float)
+    x = np.array([float(f) for f in fr])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    methods = [m for m in METHODS if all(m in pf[f] for f in fr)]
+    for i, m in enumerate(methods):
+        xs = x * (1 + 0.04 * (i - 1))   # small offsets so error bars do not overlap
+        acc = np.array([pf[f][m]["final_acc_mean"] for f in fr])
+        err = np.array([pf[f][m]["final_acc_std"] for f in fr])
+        a1.errorbar(xs, acc, yerr=err, color=_COLORS[m], marker="o", capsize=3, label=METHOD_LABELS[m])
+        rt = [pf[f][m]["rounds_to_target_mean"] for f in fr]
+        rts = [np.std([rounds + 1 if v is None else v for v in pf[f][m]["rounds_to_target"]]) for f in fr]
+        a2.errorbar(xs, rt, yerr=rts, color=_COLORS[m], marker="o", capsize=3, label=METHOD_LABELS[m])
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:.0%}" for v in x])
+        ax.minorticks_off()
+        ax.set_xlabel("fraction of target training data")
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("final target test accuracy")
+    a2.set_ylabel("rounds to no-transfer final ACC")
+    a2.axhline(rounds + 1, color="k", lw=0.8, ls=":")
+    a2.text(x[0], rounds + 1, " never", va="bottom", fontsize=8)
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
