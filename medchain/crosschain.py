@@ -69,7 +69,7 @@ from medchain.blobstore import BlobNotFound, BlobStore, fetch_payload
 from medchain.chain.artifacts import load_artifact
 from medchain.chain.connection import chain_identity, node_label, with_retries
 from medchain.chain.errors import LedgerError, RevertDecoder, ZeroDigest, _canonical_type
-from medchain.chain.ledger import LedgerClient, _Abi
+from medchain.chain.ledger import LedgerClient, _Abi, _digest32, _uint
 from medchain.chain.tx import call, send_transaction
 from medchain.codec import DigestMismatch, digest as sha256_digest
 from medchain.params import Layout, digest_vector
@@ -275,25 +275,6 @@ def _codec() -> tuple[_Abi, _BridgeRevertDecoder]:
 
 
 # ====================================================================== messages
-def _digest32(value: bytes | str, what: str = "digest") -> bytes:
-    if isinstance(value, str):
-        try:
-            value = bytes.fromhex(value.removeprefix("0x"))
-        except ValueError:
-            raise ValueError(f"{what} must be 32 bytes or 64 hex digits, got {value[:20]!r}…") from None
-    value = bytes(value)
-    if len(value) != 32:
-        raise ValueError(f"{what} must be 32 bytes, got {len(value)} bytes")
-    return value
-
-
-def _uint(value: int, bits: int, what: str) -> int:
-    v = int(value)
-    if not 0 <= v < 2 ** bits:
-        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {value}")
-    return v
-
-
 def domain_separator(bridge_chain_id: int, bridge_address: str) -> bytes:
     """The EIP-712 domain separator of the bridge at ``bridge_address`` on chain ``bridge_chain_id``."""
     return keccak(abi_encode(

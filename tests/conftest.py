@@ -7,7 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medchain.chain.anvil import AnvilNotFound, find_anvil
 from medchain.data.types import ImageSet
+
+try:
+    find_anvil()
+    ANVIL_MISSING = None
+except AnvilNotFound as exc:           # CI installs it with `npm ci` in contracts/
+    ANVIL_MISSING = str(exc)
+
+#: Tests that run a real anvil node skip cleanly, with the reason, where the binary is absent.
+needs_anvil = pytest.mark.skipif(ANVIL_MISSING is not None, reason=f"anvil not installed: {ANVIL_MISSING}")
 
 SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 

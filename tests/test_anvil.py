@@ -11,14 +11,9 @@ from medchain.chain import (AlreadySubmitted, LedgerClient, NotAMember, chain_id
                             deploy_ledger, advance_blocks)
 from medchain.chain.anvil import AnvilNode, AnvilNotFound, find_anvil, start_nodes
 
-try:
-    find_anvil()
-    _MISSING = None
-except AnvilNotFound as exc:
-    _MISSING = str(exc)
 
 # Tests that run a node; the last test (the error message for a missing binary) runs everywhere.
-needs_anvil = pytest.mark.skipif(_MISSING is not None, reason=f"anvil not installed: {_MISSING}")
+from conftest import ANVIL_MISSING as _MISSING, needs_anvil  # noqa: E402
 
 INIT = hashlib.sha256(b"init").digest()
 

@@ -30,12 +30,7 @@ from medchain.transfer import warm_start
 
 torch.set_num_threads(1)
 
-try:
-    find_anvil()
-    _MISSING = None
-except AnvilNotFound as exc:
-    _MISSING = str(exc)
-needs_anvil = pytest.mark.skipif(_MISSING is not None, reason=f"anvil not installed: {_MISSING}")
+from conftest import ANVIL_MISSING as _MISSING, needs_anvil  # noqa: E402
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 

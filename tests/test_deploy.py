@@ -13,13 +13,8 @@ from eth_account import Account
 
 from medchain.chain.anvil import AnvilNode, AnvilNotFound, find_anvil
 
-try:
-    find_anvil()
-    _MISSING = None
-except AnvilNotFound as exc:
-    _MISSING = str(exc)
 
-needs_anvil = pytest.mark.skipif(_MISSING is not None, reason=f"anvil not installed: {_MISSING}")
+from conftest import ANVIL_MISSING as _MISSING, needs_anvil  # noqa: E402
 
 SIZE = 12          # 12×12 toy images: the cnn accepts any size and trains fast (lenet needs 28×28)
 
