@@ -108,7 +108,7 @@ def plot_curves(curves: pd.DataFrame, summary: dict | None = None):
             g = c[c.method == method]
             ax.plot(g.step, g.acc, color=color, lw=2, label=method.replace("collaborative", "collaborative (on chain)"))
         ax.set_title(f"partition: {part}")
-        ax.set_xlabel("round (collaborative) / epoch")
+        ax.set_xlabel("passes over local data (collaborative: round × local epochs)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (pooled)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
