@@ -6,6 +6,7 @@ Training is deterministic for a given seed, thread count and torch build.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -197,3 +198,15 @@ def recalibrate_bn(model: nn.Module, data: ImageSet, batch_size: int = 256) -> N
     averages still remember the previous weights; federated rounds are short, so this matters."""
     x = to_tensor(data.images)
     torch.optim.swa_utils.update_bn([x[i:i + batch_size] for i in range(0, len(x), batch_size)], model)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch CPU threads, then restore the previous count. Trained weights
+    depend on the thread count (summation order), so runs that must agree bit for bit fix it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -14,15 +14,13 @@ from medchain.data.types import ImageSet
 from medchain.metrics import (image_mse, match_reconstructions, psnr, reconstruction_metrics,
                               ssim)
 from medchain.models import build_model
-from medchain.training import TrainConfig, train_epochs
+from medchain.training import TrainConfig, torch_threads, train_epochs
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

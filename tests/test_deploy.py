@@ -2,16 +2,15 @@
 `medchain simulate` — and the same global model as the in-process simulation, bit for bit."""
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from eth_account import Account
 
 from medchain.chain.anvil import AnvilNode, AnvilNotFound, find_anvil
+from medchain.training import torch_threads
 
 
 from conftest import ANVIL_MISSING as _MISSING, needs_anvil  # noqa: E402
@@ -40,16 +39,10 @@ def toy_source(folder, **kw) -> str:
     return str(save_npz(toy_dataset(**kw), folder / "toy.npz"))
 
 
-@contextlib.contextmanager
 def one_thread():
     """Node processes train with 1 torch thread; the in-process reference must too (the thread
     count changes the trained weights)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def reference_run(source: str, n: int, cfg, partition: str = "iid"):

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from medchain.training import torch_threads
+
 from medchain import codec
 from medchain.data import load_dataset
 from medchain.experiments import privacy as P
@@ -17,10 +19,8 @@ from medchain.protocol import CollabConfig
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@ replay, refusal of bad updates by every honest institution alike, and accuracy u
 (plain averaging is broken, the robust rules stay within 2 points of the honest run)."""
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
-import torch
 
 from medchain import codec
 from medchain.blobstore import MemoryBlobStore
@@ -16,6 +14,7 @@ from medchain.aggregation import (RULES, SparseUpdate, aggregate, combine, coord
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.node import byzantine_select
 from medchain.protocol import CollabConfig, Institution, MemoryLedger, run_collaborative
+from medchain.training import torch_threads
 
 
 def _dense(rows, weights=None):
@@ -167,14 +166,8 @@ def test_refused_updates_are_left_out_by_every_replica_and_the_rest_aggregated()
 
 
 # ------------------------------------------------------------------------------ accuracy under attack
-@contextlib.contextmanager
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def _final_acc(rule: str, bad: dict[int, str] | None = None, chain=None, insts=None) -> float:
