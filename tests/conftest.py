@@ -9,6 +9,7 @@ import pytest
 
 from medchain.chain.anvil import AnvilNotFound, find_anvil
 from medchain.data.types import ImageSet
+from medchain.training import torch_threads
 
 try:
     find_anvil()
@@ -37,3 +38,11 @@ def toy_images(n: int, seed: int = 0, size: int = 28) -> ImageSet:
     images = rng.integers(0, 100, (n, size, size)).astype(np.uint8)
     images[labels == 1, 4:12, 4:12] += 120
     return ImageSet(images, labels)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread, as nodes and notebooks do (trained weights depend on
+    the thread count)."""
+    with torch_threads(1):
+        yield

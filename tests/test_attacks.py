@@ -14,13 +14,10 @@ from medchain.data.types import ImageSet
 from medchain.metrics import (image_mse, match_reconstructions, psnr, reconstruction_metrics,
                               ssim)
 from medchain.models import build_model
-from medchain.training import TrainConfig, torch_threads, train_epochs
+from medchain.training import TrainConfig, train_epochs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

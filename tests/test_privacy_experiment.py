@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from medchain.training import torch_threads
 
 from medchain import codec
 from medchain.data import load_dataset
@@ -17,10 +16,7 @@ from medchain.params import Layout
 from medchain.protocol import CollabConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
