@@ -17,6 +17,10 @@ def test_compare_on_partition_is_deterministic_and_summarised():
     assert runs[0].collab.final_digest == runs[1].collab.final_digest
     s = partition_summary(runs[0], tolerance=0.02)
     assert s["rounds"] == 2
+    # counted in rounds, not in passes over the local data
+    by_round = [h["acc"] for h in runs[0].collab.history]
+    first = next((i + 1 for i, a in enumerate(by_round) if a >= s["centralized"]["acc"] - 0.02), None)
+    assert s["rounds_to_within_tolerance"] == first
     assert s["gap_collaborative_minus_centralized"] == pytest.approx(
         s["collaborative"]["acc"] - s["centralized"]["acc"], abs=1e-12)
     assert s["holds"] == (abs(s["gap_collaborative_minus_centralized"]) <= 0.02
