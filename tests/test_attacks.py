@@ -162,6 +162,34 @@ def test_protocol_case_batch_shapes_and_steps(ct):
         InversionCase.protocol(x, y, model=model, model_name="cnn", num_classes=3)
 
 
+def test_payload_of_batchnorm_statistics_only_has_nothing_to_invert(ct):
+    """A tiny θu can select only BatchNorm running statistics: the mask-aware attacker then has no
+    gradient to match (NothingToInvert, scored NaN by the experiment), the naive one still runs."""
+    from dataclasses import replace
+
+    from medchain.attacks import NothingToInvert
+    from medchain.experiments.privacy import _attack_rows
+    from medchain.params import Layout
+
+    x, y = ct.train.images[:2], ct.train.labels[:2]
+    model = build_model("cnn", 1, 3, 0, width=8)
+    case = InversionCase.protocol(x, y, model=model, model_name="cnn", model_kwargs={"width": 8},
+                                  num_classes=3, theta_u=0.1)
+    layout = Layout.from_module(model)
+    var = next(e.name for e in layout.entries if e.name.endswith("running_var"))
+    idx = np.arange(layout.slices[var].start, layout.slices[var].stop, dtype=np.int64)
+    only_bn = replace(case, payload=codec.encode_update(np.full(idx.size, 0.01, np.float32), layout.layout_id,
+                                                        indices=idx, total_size=layout.size))
+    with pytest.raises(NothingToInvert, match="nothing to invert"):
+        invert(only_bn.payload, only_bn, "ig", "mask_aware", steps=2)
+    rows = _attack_rows(only_bn.payload, only_bn, setting="protocol", theta_u=0.001, rule="largest",
+                        attackers=("naive", "mask_aware"), methods=("ig",), steps={"ig": 2}, seed=0,
+                        image_id=-1, store={})
+    naive, aware = rows
+    assert np.isfinite(naive["psnr"])   # reads unshared coordinates as zero: always runs
+    assert np.isnan(aware["psnr"]) and aware["revealed_fraction"] == 0.0 and aware["n_images"] == 2
+
+
 # ------------------------------------------------------------------------------ membership
 
 def _train_cnn(data: ImageSet, seed: int) -> torch.nn.Module:

@@ -80,6 +80,11 @@ def test_summarize_theta_star_and_unprotected_settings():
                          "label_acc": 1.0})
     rows.append({"setting": "protocol", "theta_u": 0.1, "rule": "largest", "attacker": "naive",
                  "method": "ig", "image": -1, "psnr": 20.0, "ssim": 0.5, "mse": 1.0, "label_acc": 1.0})
+    # θu = 0.001: the payload revealed nothing to invert (NaN) — protected, not a failure
+    rows.append({"setting": "worst_case", "theta_u": 0.001, "rule": "largest", "attacker": "mask_aware",
+                 "method": "idlg", "image": 0, "psnr": float("nan"), "ssim": float("nan"),
+                 "mse": float("nan"), "label_acc": None})
+    utility.append({"theta_u": 0.001, "rule": "largest", "acc": 0.5, "auc": 0.6})
     s = P.summarize(utility, pd.DataFrame(rows), baseline={"psnr": 18.0, "ssim": 0.7})
     assert s["theta_star"] == 0.1 and s["acc_cost_at_theta_star"] == pytest.approx(0.01)
     assert s["holds"] is True and s["acc_0.1_within_tolerance"] is True

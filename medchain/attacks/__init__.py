@@ -17,13 +17,13 @@ Membership inference (:mod:`medchain.attacks.membership`)
 >>> rec = invert(case.payload, case, method="ig", attacker="mask_aware")       # doctest: +SKIP
 >>> rec.metrics["psnr"], rec.metrics["ssim"]                                     # doctest: +SKIP
 """
-from medchain.attacks.inversion import (ATTACKERS, METHODS, InversionCase, PublicInfo,
+from medchain.attacks.inversion import (ATTACKERS, METHODS, InversionCase, NothingToInvert, PublicInfo,
                                         Reconstruction, decode_target, invert, recover_labels)
 from medchain.attacks.membership import (MIAResult, lira_attack, lira_scores, logit_confidence,
                                          loss_attack, mia_metrics, per_example_loss)
 
 __all__ = [
-    "ATTACKERS", "METHODS", "InversionCase", "PublicInfo", "Reconstruction", "decode_target",
+    "ATTACKERS", "METHODS", "InversionCase", "NothingToInvert", "PublicInfo", "Reconstruction", "decode_target",
     "invert", "recover_labels",
     "MIAResult", "lira_attack", "lira_scores", "logit_confidence", "loss_attack", "mia_metrics", "per_example_loss",
 ]

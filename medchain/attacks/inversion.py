@@ -62,12 +62,17 @@ from medchain.privacy import select_update
 from medchain.training import TrainConfig, to_tensor, train_epochs
 
 __all__ = ["METHODS", "ATTACKERS", "SETTINGS", "PublicInfo", "InversionCase", "Target",
-           "Reconstruction", "decode_target", "recover_labels", "invert"]
+           "Reconstruction", "NothingToInvert", "decode_target", "recover_labels", "invert"]
 
 METHODS = ("dlg", "idlg", "ig")
 ATTACKERS = ("naive", "mask_aware")
 SETTINGS = ("worst_case", "protocol")
 _DEFAULT_STEPS = {"dlg": 100, "idlg": 100, "ig": 2000}   # L-BFGS outer steps / Adam steps
+
+
+class NothingToInvert(ValueError):
+    """The payload reveals no coordinate of a trainable parameter to this attacker (e.g. a tiny θu
+    whose top-k holds only BatchNorm running statistics): there is no gradient to match."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +384,8 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
     masks = [m if attacker == "mask_aware" else torch.ones_like(m) for m in target.revealed]
     use = [i for i, m in enumerate(masks) if bool(m.any())]
     if not use:
-        raise ValueError("the payload reveals no parameter coordinate: nothing to invert")
+        raise NothingToInvert("the payload reveals no parameter coordinate to a mask-aware attacker "
+                              "(only buffers such as BatchNorm statistics): nothing to invert")
     plist = [params[target.names[i]] for i in use]
     tgt = [target.grads[i] for i in use]
     msk = [masks[i].float() for i in use]

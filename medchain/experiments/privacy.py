@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 
 from medchain import codec
-from medchain.attacks import (InversionCase, PublicInfo, invert, logit_confidence, loss_attack,
-                              mia_metrics)
+from medchain.attacks import (InversionCase, NothingToInvert, PublicInfo, invert, logit_confidence,
+                              loss_attack, mia_metrics)
 from medchain.attacks.membership import lira_scores
 from medchain.blobstore import fetch_payload
 from medchain.data.types import ImageSet, InstitutionData
@@ -143,11 +143,17 @@ def _attack_rows(case_payload: bytes, case, *, setting: str, theta_u: float, rul
     rows = []
     for method in methods:
         for attacker in attackers:
-            rec = invert(case_payload, case, method, attacker, steps=steps.get(method), seed=seed)
+            base = {"setting": setting, "theta_u": theta_u, "rule": rule, "attacker": attacker,
+                    "method": method, "image": image_id}
+            try:
+                rec = invert(case_payload, case, method, attacker, steps=steps.get(method), seed=seed)
+            except NothingToInvert:   # no image comes out: scored NaN, counted as protected
+                rows.append({**base, "n_images": int(len(case.labels)), "psnr": np.nan, "ssim": np.nan,
+                             "mse": np.nan, "label_acc": None, "revealed_fraction": 0.0,
+                             "label_source": "none", "seconds": 0.0, **(extra or {})})
+                continue
             m = rec.metrics
-            rows.append({"setting": setting, "theta_u": theta_u, "rule": rule,
-                         "attacker": attacker, "method": method, "image": image_id,
-                         "n_images": int(len(rec.labels)), "psnr": m["psnr"], "ssim": m["ssim"],
+            rows.append({**base, "n_images": int(len(rec.labels)), "psnr": m["psnr"], "ssim": m["ssim"],
                          "mse": m["mse"], "label_acc": m.get("label_acc"),
                          "revealed_fraction": rec.revealed_fraction,
                          "label_source": rec.label_source, "seconds": m["cpu_seconds"],
@@ -331,10 +337,12 @@ def membership_sweep(sweep: UtilitySweep, institutions: list[InstitutionData], *
 
 def _best(leak: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, θu, rule, attacker): mean over images of each method, then the best method
-    (highest mean PSNR) — the attacker picks its strongest attack."""
+    (highest mean PSNR) — the attacker picks its strongest attack. PSNR NaN: the payload revealed
+    nothing to invert (ranked last)."""
     per = (leak.groupby(["setting", "theta_u", "rule", "attacker", "method"], as_index=False)
            [["psnr", "ssim", "mse", "label_acc"]].mean())
-    idx = per.groupby(["setting", "theta_u", "rule", "attacker"])["psnr"].idxmax()
+    rank = per.psnr.fillna(-np.inf)
+    idx = rank.groupby([per[k] for k in ("setting", "theta_u", "rule", "attacker")]).idxmax()
     return per.loc[idx].reset_index(drop=True)
 
 
@@ -362,7 +370,7 @@ def summarize(utility: pd.DataFrame, leak: pd.DataFrame, mia: pd.DataFrame | Non
               & ((best.rule == rule) | (best.theta_u == 1.0))].sort_values("theta_u", ascending=False)
     theta_star = None
     for t in wc.theta_u:
-        if (wc[wc.theta_u <= t].psnr < bar).all():
+        if not (wc[wc.theta_u <= t].psnr >= bar).any():   # NaN: nothing to invert, protected
             theta_star = float(t)
             break
     per_theta = {}
