@@ -43,6 +43,18 @@ def _number_or_yaml(text: str):
         return yaml.safe_load(text) if text.strip() else ""
 
 
+def check_parameters(path: Path, parameters: dict) -> None:
+    """Refuse a parameter that the notebook's ``parameters`` cell does not define (a typo would
+    otherwise run the defaults silently)."""
+    import papermill as pm
+
+    known = pm.inspect_notebook(str(path))
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ValueError(f"{path.name} has no parameter {', '.join(unknown)}; its parameters are "
+                         f"{', '.join(known)} (select notebooks with --only)")
+
+
 def run_notebook(path: Path, out_dir: Path, *, quick: bool, parameters: dict | None = None,
                  progress: bool = True) -> Path:
     """Execute one notebook with papermill; the executed copy is saved as
@@ -97,6 +109,8 @@ def reproduce(*, quick: bool = True, only: list[str] | None = None, out_dir: Pat
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     out_dir, parameters = Path(out_dir), dict(parameters or {})
+    for key in keys:
+        check_parameters(books[key], parameters)
     summaries = {}
     bar = tqdm(total=len(keys), desc="notebooks", disable=not progress)
     if jobs == 1:

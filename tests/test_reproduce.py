@@ -61,6 +61,10 @@ def test_only_and_errors_name_the_notebook(books, tmp_path):
     assert list(table.notebook) == ["02"] and list(table.holds) == ["NO"]
     with pytest.raises(ValueError, match=r"no notebook \['09'\]"):
         reproduce(only=["09"], out_dir=tmp_path / "o", progress=False, notebooks_dir=books)
+    with pytest.raises(ValueError, match="02_second.ipynb has no parameter valu; its parameters are quick, "
+                                         "out_dir, value"):
+        reproduce(only=["02"], parameters={"valu": 3}, out_dir=tmp_path / "o", progress=False,
+                  notebooks_dir=books)
     with pytest.raises(ValueError, match="jobs"):
         reproduce(jobs=0, out_dir=tmp_path / "o", progress=False, notebooks_dir=books)
     _notebook(books, "04_silent", writes_summary=False)
