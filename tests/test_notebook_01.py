@@ -6,16 +6,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medchain.reproduce import run_notebook
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_centralized_vs_collaborative.ipynb"
 
 
 @pytest.mark.slow
 def test_notebook_01_quick_run_supports_claim_1_on_iid(tmp_path):
-    import papermill as pm
-
-    pm.execute_notebook(str(NOTEBOOK), str(tmp_path / NOTEBOOK.name), cwd=str(NOTEBOOK.parent),
-                        parameters={"quick": True, "out_dir": str(tmp_path)}, kernel_name="python3",
-                        progress_bar=False)
+    run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "01_centralized_vs_collaborative"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["partitions"]) == {"iid"}   # quick mode: IID only

@@ -6,16 +6,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medchain.reproduce import run_notebook
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_partial_update_privacy.ipynb"
 
 
 @pytest.mark.slow
 def test_notebook_02_quick_run(tmp_path):
-    import papermill as pm
-
-    pm.execute_notebook(str(NOTEBOOK), str(tmp_path / NOTEBOOK.name), cwd=str(NOTEBOOK.parent),
-                        parameters={"quick": True, "out_dir": str(tmp_path)}, kernel_name="python3",
-                        progress_bar=False)
+    run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "02_partial_update_privacy"
     s = json.loads((out / "summary.json").read_text())
     assert s["claim"] == 2 and s["seed"] == 0 and s["parameters"]["quick"] is True

@@ -6,17 +6,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medchain.reproduce import run_notebook
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "03_cross_chain_transfer.ipynb"
 METHODS = {"none", "warm_start", "l2sp"}
 
 
 @pytest.mark.slow
 def test_notebook_03_quick_run_supports_claim_3(tmp_path):
-    import papermill as pm
-
-    pm.execute_notebook(str(NOTEBOOK), str(tmp_path / NOTEBOOK.name), cwd=str(NOTEBOOK.parent),
-                        parameters={"quick": True, "out_dir": str(tmp_path)}, kernel_name="python3",
-                        progress_bar=False)
+    run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "03_cross_chain_transfer"
     s = json.loads((out / "summary.json").read_text())
     assert {"claim", "verdicts", "speedup_rounds_to_target", "final_acc_gain", "per_fraction", "chain_a",

@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medchain.reproduce import run_notebook
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04_personalization.ipynb"
 METHODS = {"finetune_all", "finetune_head", "fedper", "fedbn"}
 REFERENCES = {"majority", "local_only", "global", "global_prior"}
@@ -14,10 +16,7 @@ REFERENCES = {"majority", "local_only", "global", "global_prior"}
 
 @pytest.mark.slow
 def test_notebook_04_quick(tmp_path):
-    papermill = pytest.importorskip("papermill")
-    papermill.execute_notebook(str(NOTEBOOK), str(tmp_path / NOTEBOOK.name),
-                               parameters={"quick": True, "out_dir": str(tmp_path)},
-                               cwd=str(NOTEBOOK.parent), kernel_name="python3", progress_bar=False)
+    run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "04_personalization"
     s = json.loads((out / "summary.json").read_text())
     assert s["claim"] == 4
