@@ -14,7 +14,7 @@ from medchain.data.types import ImageSet
 from medchain.metrics import (image_mse, match_reconstructions, psnr, reconstruction_metrics,
                               ssim)
 from medchain.models import build_model
-from medchain.training import TrainConfig, train_epochs
+from medchain.training import TrainConfig, to_tensor, train_epochs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +95,44 @@ def test_attack_reads_only_payload_and_public_info(ct):
         invert(case.payload[:-4], case, "idlg", steps=1)
     bare = invert(case.payload, case.public, "idlg", steps=1)       # no secrets: no scores
     assert "psnr" not in bare.metrics and bare.images.shape == (1, 28, 28)
+
+
+def _rgb(grey: np.ndarray) -> np.ndarray:
+    """A colour image (H, W, 3) whose three channels differ (as RetinaMNIST's do)."""
+    return np.stack([grey, 255 - grey, grey // 2], axis=-1).astype(np.uint8)
+
+
+def test_worst_case_reads_one_rgb_image_as_one_image(ct):
+    """(H, W, 3) with one label is one colour image, not a batch of 28 grey images (RetinaMNIST
+    stopped notebook 02 this way): the payload is that image's gradient and the attack returns
+    colour images."""
+    i = first_of_each_class(ct)[2]
+    img = _rgb(ct.train.images[i])
+    case = InversionCase.worst_case(img, int(ct.train.labels[i]), num_classes=3, theta_u=1.0)
+    assert case.images.shape == (1, 28, 28, 3) and case.labels.tolist() == [2]
+    assert case.public.in_chans == 3 and case.public.n_images == 1
+    assert case.public.image_shape == (28, 28)
+    # the payload is the gradient of that one colour image under the public model
+    model, _ = case.public.build()
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(to_tensor(img[None])), torch.tensor([2]))
+    g_true = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
+    t = decode_target(case.payload, case.public)
+    assert t.grads[0].shape == (12, 3, 5, 5)
+    for name, g, want in zip(t.names, t.grads, g_true):
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-6), name
+    rec = invert(case.payload, case, "idlg", "mask_aware", seed=0, steps=2)
+    assert rec.images.shape == (1, 28, 28, 3) and rec.labels.tolist() == [2]
+    # batches keep working: (B, H, W, C) and (B, H, W); a grey (H, W, 1) image is one image
+    idx = first_of_each_class(ct)[:2]
+    batch = np.stack([_rgb(ct.train.images[j]) for j in idx])
+    assert InversionCase.worst_case(batch, ct.train.labels[idx], num_classes=3).public.n_images == 2
+    grey = InversionCase.worst_case(ct.train.images[idx], ct.train.labels[idx], num_classes=3)
+    assert grey.public.n_images == 2 and grey.public.in_chans == 1
+    one = InversionCase.worst_case(ct.train.images[i][..., None], 2, num_classes=3)
+    assert one.public.n_images == 1 and one.public.in_chans == 1
+    with pytest.raises(ValueError, match=r"labels \(B,\); got \(28, 28, 3\) and \(2,\)"):
+        InversionCase.worst_case(img, [0, 1], num_classes=3)
 
 
 # ------------------------------------------------------------------------------ inversion

@@ -109,15 +109,25 @@ class PublicInfo:
         return model, layout
 
 
+_CHANNELS = (1, 3, 4)   # grey, RGB, RGBA: the last axis of a stored (H, W, C) image
+
+
 def _as_batch(images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Images as a batch (B, H, W[, C]) and labels as (B,). One image may come as (H, W) or
+    (H, W, C): a 3-D array is read as one colour image when the labels name one image (a scalar
+    or length 1) and its last axis is a channel count (1, 3, 4), else as a batch of grey images."""
     x = np.asarray(images)
     if x.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (as stored), got {x.dtype}")
-    if x.ndim == 2:
-        x = x[None]
     y = np.atleast_1d(np.asarray(labels)).astype(np.int64)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be an int or (B,), got shape {y.shape}")
+    one_colour_image = x.ndim == 3 and y.shape[0] == 1 and x.shape[0] != 1 and x.shape[-1] in _CHANNELS
+    if x.ndim == 2 or one_colour_image:
+        x = x[None]
     if x.ndim not in (3, 4) or x.shape[0] != y.shape[0] or x.shape[0] < 1:
-        raise ValueError(f"need images (B, H, W[, C]) and labels (B,), got {x.shape} and {y.shape}")
+        raise ValueError(f"need one image (H, W[, C]) with one label, or images (B, H, W[, C]) with "
+                         f"labels (B,); got {x.shape} and {y.shape}")
     return x, y
 
 
@@ -140,7 +150,7 @@ class InversionCase:
                    lr: float = 0.1, seed: int = 0, **select_kw) -> "InversionCase":
         """One gradient step on (usually) one image with an untrained model: ``Δ = −lr·∇L``.
 
-        images: uint8 (H, W) or (B, H, W[, C]); labels: int or (B,). init: ``"dlg"`` (every
+        images: uint8 (H, W), (H, W, C) or (B, H, W[, C]); labels: int or (B,). init: ``"dlg"`` (every
         weight uniform in [−0.5, 0.5], as in DLG's LeNet) or ``"default"`` (PyTorch's init), both
         from ``seed``. theta_u, rule, select_kw (scope, tau, gamma, sigma): the partial-update
         selection (:func:`medchain.privacy.select_update`, rng = ``seed``).
