@@ -117,13 +117,28 @@ class _TimmWrapper(nn.Module):
         return self.head(self.features(x))
 
 
+#: torch / torchvision releases seen to load together (with timm) on x86_64 Linux from PyPI.
+TIMM_PAIRING = "torch==2.14.1 torchvision==0.29.1"
+
+
 def _create_timm(name: str, in_chans: int, num_classes: int, **kwargs) -> nn.Module:
     try:
         import timm
-    except ImportError as exc:  # timm needs a torchvision build that matches the installed torch
+    except ImportError as exc:
         raise RuntimeError(
-            f"model 'timm:{name}' needs the timm package and a torchvision matching torch "
-            f"{torch.__version__} (pip install 'medchain[timm]'): {exc}") from exc
+            f"model 'timm:{name}' needs the optional timm package (pip install 'medchain[timm]'; "
+            f"timm imports torchvision, which must be built for torch {torch.__version__}): {exc}"
+        ) from exc
+    except RuntimeError as exc:
+        # timm imports torchvision; a torchvision built for another torch fails to register its
+        # operators ("operator torchvision::nms does not exist") and raises RuntimeError.
+        raise RuntimeError(
+            f"model 'timm:{name}': timm is installed but torchvision cannot load beside torch "
+            f"{torch.__version__} ({exc}). Install a matching pair, e.g. on x86_64 "
+            f"`pip install {TIMM_PAIRING} timm` (a CUDA build, ~5.5 GB), or beside a CPU torch "
+            f"from https://download.pytorch.org/whl/cpu the torchvision release made for that "
+            f"torch, from the same index. The built-in models {list_models()} need neither."
+        ) from exc
     if name not in timm.list_models():
         raise ValueError(f"timm has no model {name!r} (see timm.list_models())")
     model = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kwargs)

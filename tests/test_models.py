@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -43,8 +45,27 @@ def test_timm_models_build_or_explain_what_is_missing():
     try:
         import timm  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="needs the timm package"):
+        with pytest.raises(RuntimeError, match=r"needs the optional timm package .*medchain\[timm\]"):
+            create_model("timm:resnet18", 1, 2)
+        return
+    except RuntimeError:               # torchvision built for another torch
+        with pytest.raises(RuntimeError, match="torchvision cannot load beside torch"):
             create_model("timm:resnet18", 1, 2)
         return
     model = create_model("timm:resnet18", 1, 3)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+
+
+def test_timm_with_a_mismatched_torchvision_is_a_clear_error(tmp_path, monkeypatch):
+    """timm imports torchvision; PyPI's torchvision beside the CPU torch raises RuntimeError on
+    import. Simulated with a stand-in timm that fails the same way: the error names the fix."""
+    fake = tmp_path / "timm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    with pytest.raises(RuntimeError, match=r"torchvision cannot load beside torch .*"
+                                           r"torchvision::nms does not exist.*torch==2\.14\.1 "
+                                           r"torchvision==0\.29\.1 timm"):
+        create_model("timm:resnet18", 1, 2)
+    assert create_model("cnn", 1, 2) is not None      # the built-in models are unaffected
