@@ -9,10 +9,21 @@ Schemes (``scheme=``):
     Stratified and balanced: every institution gets the same label mix and (±1 per class) the
     same number of images.
 ``"dirichlet"``
-    Label skew. Each institution *i* draws class proportions ``q_i ~ Dir(alpha · 1_K)``, once;
-    class *c*'s images go to the institutions in the ratio ``q_1c : q_2c : ... : q_nc``. The same
-    draw is applied to train, val and test, so an institution's test split has its own label mix.
-    Small ``alpha`` (0.1) is strongly skewed; large ``alpha`` (100) is close to IID.
+    Label skew, the literature's per-class convention (Hsu et al. 2019, "Measuring the effects of
+    non-identical data distribution for federated visual classification"; flwr-datasets
+    ``DirichletPartitioner``): for every class *c*, the institutions' shares of that class are
+    drawn once, ``p_c ~ Dir(alpha · 1_n)`` over the *n* institutions, and class *c*'s images are
+    cut in those proportions. So ``alpha`` here is comparable with published ``alpha``: each share
+    has mean ``1/n`` and variance ``(1/n)(1 - 1/n) / (n·alpha + 1)``. Small ``alpha`` (0.1) gives
+    each class to one or two institutions (with fewer classes than institutions, some
+    institutions then get almost nothing and ``min_size`` forces redraws); large ``alpha`` (100)
+    is close to IID. The same draw is applied to train, val and test, so an institution's test
+    split has its own label mix.
+``"dirichlet_mix"``
+    medchain's earlier label skew (named ``"dirichlet"`` before the per-class convention was
+    adopted; kept so that old runs reproduce bit for bit): each institution *i* draws its own
+    label mix ``q_i ~ Dir(alpha · 1_K)`` over the *K* classes, once; class *c*'s images go to the
+    institutions in the ratio ``q_1c : q_2c : ... : q_nc``. Its ``alpha`` is not the published one.
 ``"quantity"``
     Quantity skew: sizes proportional to ``w_i ~ LogNormal(0, quantity_sigma)``; labels IID
     (stratified). The same sizes apply to train, val and test.
@@ -33,10 +44,13 @@ import numpy as np
 
 from .types import Dataset, ImageSet, InstitutionData
 
-__all__ = ["SCHEMES", "draw_shares", "partition", "partition_indices", "partition_plan"]
+__all__ = ["DIRICHLET_SCHEMES", "SCHEMES", "draw_shares", "partition", "partition_indices", "partition_plan"]
 
 #: Partition schemes accepted by :func:`partition`.
-SCHEMES = ("iid", "dirichlet", "quantity", "sites")
+SCHEMES = ("iid", "dirichlet", "dirichlet_mix", "quantity", "sites")
+
+#: Schemes whose shares are drawn from a Dirichlet distribution (they take ``alpha``).
+DIRICHLET_SCHEMES = ("dirichlet", "dirichlet_mix")
 
 #: How many times a random scheme is redrawn before giving up on ``min_size``.
 MAX_TRIES = 100
@@ -101,13 +115,16 @@ def draw_shares(scheme: str, n_institutions: int, n_classes: int, rng: np.random
         w = rng.lognormal(0.0, quantity_sigma, size=n)
         return np.repeat((w / w.sum())[:, None], k, axis=1)
     if scheme == "dirichlet":
+        # per class: that class's shares over the n institutions ~ Dir(alpha 1_n)
+        return rng.dirichlet(np.full(n, float(alpha)), size=k).T
+    if scheme == "dirichlet_mix":
         q = rng.dirichlet(np.full(k, float(alpha)), size=n)  # row i: institution i's label mix
         col = q.sum(axis=0, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             p = np.where(col > 0, q / np.where(col > 0, col, 1.0), 1.0 / n)
         return p
     raise ValueError(f"draw_shares: scheme {scheme!r} has no shares; valid: iid, dirichlet, "
-                     "quantity")
+                     "dirichlet_mix, quantity")
 
 
 def _allocate(labels: np.ndarray, shares: np.ndarray,
@@ -223,7 +240,7 @@ def partition_indices(labels, n_institutions: int | None, scheme: str = "iid", *
     raise ValueError(f"could not split {y.size} images into {n} institutions with at least "
                      f"min_size={min_size} each by scheme {scheme!r} in {tries} draws; use "
                      "fewer institutions, a smaller min_size"
-                     + (", or a larger alpha" if scheme == "dirichlet" else
+                     + (", or a larger alpha" if scheme in DIRICHLET_SCHEMES else
                         ", or a smaller quantity_sigma" if scheme == "quantity" else ""))
 
 
@@ -297,14 +314,18 @@ def partition_plan(dataset: Dataset, n_institutions: int | None, scheme: str = "
         if all(tr >= min_size and va >= 1 and te >= 1 for tr, va, te in sizes):
             return plan
         smallest = min(sizes)
-    hint = {"dirichlet": "a larger alpha, ", "quantity": "a smaller quantity_sigma, "}.get(
-        scheme, "")
+    hint = {"dirichlet": "a larger alpha, ", "dirichlet_mix": "a larger alpha, ",
+            "quantity": "a smaller quantity_sigma, "}.get(scheme, "")
+    note = ""
+    if scheme == "dirichlet" and n > k:
+        note = (f". With {k} classes for {n} institutions, a small alpha gives each class to about "
+                "one institution, so some institutions get almost nothing")
     raise ValueError(
         f"could not draw a {scheme!r} partition of data set {dataset.name!r} into {n} "
         f"institutions in which every institution has at least min_size={min_size} training "
         f"images (after fraction={fraction}) and at least one val and one test image, in {tries} "
         f"draw(s) (smallest train/val/test: {smallest}); use {hint}fewer institutions, a larger "
-        "fraction or a smaller min_size")
+        f"fraction or a smaller min_size{note}")
 
 
 def partition(dataset: Dataset, n_institutions: int | None, scheme: str = "iid", *,
@@ -314,8 +335,9 @@ def partition(dataset: Dataset, n_institutions: int | None, scheme: str = "iid",
 
     Parameters
     ----------
-    scheme: ``"iid"``, ``"dirichlet"``, ``"quantity"`` or ``"sites"`` (module docstring).
-    alpha: Dirichlet concentration (> 0), scheme ``"dirichlet"``.
+    scheme: ``"iid"``, ``"dirichlet"``, ``"dirichlet_mix"``, ``"quantity"`` or ``"sites"``
+        (module docstring).
+    alpha: Dirichlet concentration (> 0), schemes ``"dirichlet"`` and ``"dirichlet_mix"``.
     quantity_sigma: log-normal sigma (>= 0) of institution sizes, scheme ``"quantity"``.
     fraction: in (0, 1]; each institution keeps this fraction of its train split.
     seed: all randomness; same arguments → same partition.
