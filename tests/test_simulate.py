@@ -156,3 +156,24 @@ def test_other_size_and_uneven_n():
     d = simulate_ct(n=61, sites=3, seed=2, size=16)
     assert d.image_shape == (16, 16)
     assert sum(len(s) for s in _splits(d)) == 61
+
+
+def test_huge_n_fails_fast_from_a_memory_estimate(monkeypatch):
+    """n=10**12 used to hang spawning 2·10**9 seeds; it is refused before any allocation."""
+    import time
+
+    from medchain.data import limits
+    from medchain.data.simulate import simulation_bytes
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"n=1,000,000,000,000, size=28\) would need about "
+                                         r"2\.4 PB of memory.*fewer images") as err:
+        simulate_ct(n=10**12)
+    assert isinstance(err.value, MemoryError) and time.perf_counter() - t0 < 1.0
+    # the estimate scales with n and the image area, and a normal run fits anywhere
+    assert 2.3e15 < simulation_bytes(10**12, 28) < 2.5e15
+    assert simulation_bytes(10_000, 28) < 1e9
+    assert simulation_bytes(1000, 56) > simulation_bytes(1000, 28)
+    monkeypatch.setattr(limits, "available_memory", lambda: 10**6)
+    with pytest.raises(MemoryError, match="n=100, size=28"):
+        simulate_ct(n=100, sites=1)

@@ -409,6 +409,99 @@ def test_bad_folders(tmp_path, setup, phrase):
         load_dataset(root)
 
 
+# ----------------------------------------------------------------------------- bounded resources
+def _npz(tmp_path, name="d.npz", **changes) -> Path:
+    arrays = good_arrays()
+    arrays.update(changes)
+    np.savez(tmp_path / name, **arrays)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("key, extra", [("labels", {}), ("n_classes", {})])
+def test_huge_class_count_fails_fast_from_a_memory_estimate(tmp_path, key, extra):
+    import time
+
+    from medchain.data.limits import ResourceLimitError
+
+    if key == "labels":
+        labels = (np.arange(3) % 2).astype(np.int64)
+        labels[0] = 10**9
+        path = _npz(tmp_path, test_labels=labels)
+        phrase = r"1,000,000,001 classes \(largest label 1000000000, no n_classes"
+    else:
+        path = _npz(tmp_path, n_classes=np.int64(10**9))
+        phrase = r"1,000,000,000 classes \(n_classes = 1000000000 in the file"
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=phrase + r".*TB of memory.*remap") as err:
+        load_dataset(path)
+    assert time.perf_counter() - t0 < 2.0  # an estimate, not 5.5 GB of class names
+    assert isinstance(err.value, ResourceLimitError) and isinstance(err.value, MemoryError)
+
+
+def test_class_count_limit_follows_the_available_memory(tmp_path, monkeypatch):
+    from medchain.data import limits
+
+    path = _npz(tmp_path, n_classes=np.int64(50))
+    assert load_dataset(path).n_classes == 50  # 50 classes: about 0.4 MB, fits anywhere
+    need = limits.class_count_bytes(50, 6)
+    monkeypatch.setattr(limits, "available_memory", lambda: int(need / limits.MEMORY_FRACTION) - 1)
+    with pytest.raises(MemoryError, match="50 classes"):
+        load_dataset(path)
+    assert "GB" in limits.format_bytes(2.5e9) and limits.available_memory() > 0
+
+
+def test_partition_refuses_a_huge_label_before_allocating():
+    from medchain.data import partition_indices
+
+    with pytest.raises(MemoryError, match="largest label 1000000000"):
+        partition_indices(np.array([0, 1, 10**9]), 2, "iid")
+
+
+@pytest.mark.parametrize("side, ok", [(1, False), (3, False), (4, True), (28, True)])
+def test_images_smaller_than_the_models_minimum_are_refused(tmp_path, side, ok):
+    arrays = {f"{s}_images": np.zeros((m, side, side), np.uint8)
+              for s, m in zip(("train", "val", "test"), (6, 3, 3))}
+    path = _npz(tmp_path, **arrays)
+    if ok:
+        assert load_dataset(path).image_shape == (side, side)
+    else:
+        with pytest.raises(ValueError, match=rf"{side}×{side} pixels, too small.*minimum is 4×4"):
+            load_dataset(path)
+    with pytest.raises(ValueError, match="image_size must be an integer >= 4"):
+        load_dataset("simulated", image_size=2)
+
+
+def test_class_missing_from_training_split_is_an_error(tmp_path):
+    test_labels = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"class\(es\) 2 have no training images but appear in "
+                                         r"val/test \(class 2: 0 val and 1 test\)"):
+        load_dataset(_npz(tmp_path, test_labels=test_labels))
+    names = np.array(["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 \\('c'\\) have no training images"):
+        load_dataset(_npz(tmp_path, "n.npz", test_labels=test_labels, class_names=names))
+    # a declared class that no split holds only warns (n_classes may describe a larger set)
+    with pytest.warns(UserWarning, match=r"2 of 4 classes have no images in any split: 2, 3"):
+        assert load_dataset(_npz(tmp_path, "w.npz", n_classes=np.int64(4))).n_classes == 4
+
+
+def test_folder_class_only_in_test_is_an_error(tmp_path):
+    root = tmp_path / "own"
+    for s in ("train", "val", "test"):
+        _class_folder(root / s, {"a": 2, "b": 2})
+    _class_folder(root / "test", {"c": 2})
+    with pytest.raises(ValueError, match=r"2 \('c'\) have no training images"):
+        load_dataset(root)
+
+
+def test_cli_simulate_refuses_a_huge_n_at_once(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"n=1,000,000,000,000.*PB of memory"):
+        _cli(["data", "simulate", "--n", str(10**12), "--out", str(tmp_path / "x.npz"), "--quiet"])
+    assert time.perf_counter() - t0 < 5.0 and not (tmp_path / "x.npz").exists()
+
+
 # ----------------------------------------------------------------------------- describe
 def test_describe_counts():
     ds = make_ds(sites=True)

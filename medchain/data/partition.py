@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .limits import check_class_count
 from .types import Dataset, ImageSet, InstitutionData
 
 __all__ = ["DIRICHLET_SCHEMES", "SCHEMES", "draw_shares", "partition", "partition_indices", "partition_plan"]
@@ -224,6 +225,8 @@ def partition_indices(labels, n_institutions: int | None, scheme: str = "iid", *
         raise ValueError(f"more institutions than images: {y.size} images cannot give "
                          f"{n} institutions at least {max(min_size, 1)} each")
     k = int(n_classes) if n_classes is not None else (int(y.max()) + 1 if y.size else 1)
+    check_class_count(k, y.size, "partition_indices",
+                      "n_classes given" if n_classes is not None else f"largest label {k - 1}")
     if y.size and y.max() >= k:
         raise ValueError(f"label {int(y.max())} out of range for n_classes={k}")
     if shares is not None:
@@ -300,6 +303,9 @@ def partition_plan(dataset: Dataset, n_institutions: int | None, scheme: str = "
                              f"needs at least one {s} image")
     k = max(int(dataset.n_classes),
             max(int(p.labels.max()) + 1 for p in splits.values()))
+    check_class_count(k, max(len(p) for p in splits.values()), f"data set {dataset.name!r}",
+                      f"n_classes {dataset.n_classes}, largest label "
+                      f"{max(int(p.labels.max()) for p in splits.values())}")
     tries = 1 if scheme == "iid" else MAX_TRIES
     smallest = None
     for _ in range(tries):

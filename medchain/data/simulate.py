@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from medchain.data.limits import check_memory
 from medchain.data.types import Dataset, ImageSet
 
 __all__ = ["CLASS_NAMES", "FILTERS", "SiteProfile", "site_profile", "simulate_ct"]
@@ -482,6 +483,10 @@ def _check_args(n, sites, seed, size, site_offset, class_probs, split) -> np.nda
     if n < MIN_PER_SITE * sites:
         raise ValueError(f"n={n} is too small for {sites} sites: need at least {MIN_PER_SITE} images "
                          f"per site (n >= {MIN_PER_SITE * sites}) to fill stratified train/val/test splits")
+    check_memory(simulation_bytes(int(n), int(size)),
+                 f"simulate_ct(n={int(n):,}, size={int(size)})",
+                 "simulate fewer images (n) or smaller ones (size), or generate several data sets "
+                 "with different seeds / site_offset and train on them one at a time")
     fr = np.asarray(split, dtype=np.float64)
     if fr.shape != (3,) or np.any(fr <= 0) or not np.isclose(fr.sum(), 1.0):
         raise ValueError(f"split must be three positive fractions (train, val, test) summing to 1, "
@@ -498,6 +503,16 @@ def _check_args(n, sites, seed, size, site_offset, class_probs, split) -> np.nda
         raise ValueError(f"each row of class_probs must sum to 1, got row sums "
                          f"{p.sum(axis=1).round(6).tolist()}")
     return p
+
+
+def simulation_bytes(n: int, size: int) -> int:
+    """Peak memory of :func:`simulate_ct` (estimate, bytes): every image is held three times
+    (rendered, pooled per split, shuffled copy) with its label, site id and share of the chunk
+    seeds (64 B), plus the render buffers of the worker threads (one chunk of ``_CHUNK`` images
+    at ``2*size``: about 150 MB per worker at size 28, scaled with the image area)."""
+    per_image = 3 * size * size + 64
+    render = _MAX_WORKERS * 150e6 * (size / 28.0) ** 2
+    return int(n * per_image + render)
 
 
 def _stratified_counts(class_counts: np.ndarray, split: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .limits import MIN_IMAGE_SIDE, check_class_count
 from .types import Dataset, ImageSet
 
 __all__ = [
@@ -176,8 +177,9 @@ def load_dataset(source: str | os.PathLike, *, cache_dir: str | os.PathLike | No
     Dataset with uint8 images ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (colour) and int64 labels.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-            or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+            or image_size < MIN_IMAGE_SIDE:
+        raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIDE} (the smallest images "
+                         f"medchain's models accept), got {image_size!r}")
     image_size = int(image_size)
     text = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(text, str) or not text.strip():
@@ -255,6 +257,9 @@ def _load_simulated(text: str, image_size: int) -> Dataset:
     if isinstance(cp, tuple) and all(isinstance(v, (int, float)) for v in cp):
         # one label mix written a/b/c: the same mix at every site
         n_sites = opts.get("sites", params["sites"].default if "sites" in params else 1)
+        if not isinstance(n_sites, int) or not 1 <= n_sites <= 10**6:
+            raise ValueError(f"bad simulation option in {text!r}: sites must be an integer from 1 "
+                             f"to 1000000, got {n_sites!r}")
         opts["class_probs"] = np.tile(np.asarray(cp, dtype=np.float64), (int(n_sites), 1))
     try:
         ds = simulate_ct(**opts)
@@ -497,8 +502,11 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
     if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
         raise ValueError(f"{where}: images must have shape (N, H, W) for grey-scale or "
                          f"(N, H, W, 3) for colour, got {x.shape}")
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"{where}: images have zero height or width: {x.shape}")
+    if x.shape[1] < MIN_IMAGE_SIDE or x.shape[2] < MIN_IMAGE_SIDE:
+        raise ValueError(f"{where}: images are {x.shape[1]}×{x.shape[2]} pixels, too small for "
+                         f"medchain's models: the minimum is {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE} "
+                         "(two 2×2 max-pools); MedMNIST uses 28×28. Resize the images (e.g. "
+                         "PIL.Image.resize) before saving them")
     return x
 
 
@@ -578,6 +586,9 @@ def _dataset_from_arrays(arrays: dict[str, np.ndarray], *, where: str, name: str
             class_names = list(official["label"])
         else:
             n_classes = top_label + 1
+        how = (f"n_classes = {n_classes} in the file" if "n_classes" in arrays else
+               f"largest label {top_label}, no n_classes in the file")
+        check_class_count(n_classes, max(len(v) for v in sets.values()), where, how)
         if "class_names" in arrays:
             cn = arrays["class_names"]
             if cn.ndim != 1 or cn.dtype.kind != "U" or len(cn) != n_classes:
@@ -589,10 +600,40 @@ def _dataset_from_arrays(arrays: dict[str, np.ndarray], *, where: str, name: str
         if top >= n_classes:
             raise ValueError(f"{where}: {s}_labels has label {top}, out of range for "
                              f"n_classes={n_classes} (labels must be 0 .. {n_classes - 1})")
+    _check_class_coverage(sets, n_classes, class_names, where)
     if not class_names:
         class_names = [str(c) for c in range(n_classes)]
     return Dataset(name=name, train=sets["train"], val=sets["val"], test=sets["test"],
                    n_classes=n_classes, class_names=list(class_names), source=source)
+
+
+def _list_classes(classes, names) -> str:
+    shown = [f"{c} ({names[c]!r})" if c < len(names) else str(c) for c in classes[:10]]
+    more = f" and {len(classes) - 10:,} more" if len(classes) > 10 else ""
+    return ", ".join(shown) + more
+
+
+def _check_class_coverage(sets: dict[str, ImageSet], n_classes: int, names: list[str],
+                          where: str) -> None:
+    """A class with val/test images but no training image is an error (a model cannot learn a
+    class it never sees, and the per-class metrics would be meaningless: the split is almost
+    surely wrong). Classes with no image in any split only warn (``n_classes`` may declare
+    classes a file does not hold, e.g. a subset of a larger set)."""
+    counts = {s: np.bincount(sets[s].labels, minlength=n_classes) for s in SPLITS}
+    untrained = np.flatnonzero((counts["train"] == 0) & ((counts["val"] + counts["test"]) > 0))
+    if untrained.size:
+        detail = "; ".join(f"class {c}: {counts['val'][c]} val and {counts['test'][c]} test"
+                           for c in untrained[:5])
+        raise ValueError(f"{where}: class(es) {_list_classes(untrained.tolist(), names)} have no "
+                         f"training images but appear in val/test ({detail}). A model cannot "
+                         "learn a class it never sees; move some of those images into the train "
+                         "split, or relabel or drop the class")
+    absent = np.flatnonzero(sum(counts.values()) == 0)
+    if absent.size:
+        warnings.warn(f"{where}: {absent.size:,} of {n_classes:,} classes have no images in any "
+                      f"split: {_list_classes(absent.tolist(), names)}. Models get an output for "
+                      "each of them that no image trains; if the labels are not 0 .. K-1, remap "
+                      "them", UserWarning, stacklevel=4)
 
 
 def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
@@ -760,6 +801,7 @@ def _load_folder(folder: Path, size: int) -> Dataset:
                    f"{len(y)} images are too few for a 70/10/20 split per class (the {s} split is "
                    "empty); add images or give train/, val/, test/ folders yourself")
             raise ValueError(f"{folder}: {how}")
+    _check_class_coverage(sets, len(names), list(names), str(folder))
     return Dataset(name=folder.name, train=sets["train"], val=sets["val"], test=sets["test"],
                    n_classes=len(names), class_names=list(names), source=str(folder.resolve()))
 
