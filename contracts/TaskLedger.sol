@@ -9,7 +9,11 @@ pragma solidity ^0.8.24;
 ///         what makes every member aggregate the same updates in the same order.
 /// @dev Rules (see contracts/README.md):
 ///      - `start()` (admin) opens round 0. Rounds are numbered 0 .. nRounds-1.
-///      - Updates are accepted only for `currentRound` while the task is running, once per member.
+///      - Updates are accepted only for `currentRound` while the task is running, once per member,
+///        with 1 <= nSamples <= maxSamples (the cap fixed at deployment): a member cannot stall the
+///        task with a zero aggregation weight, nor outweigh the others with a huge self-reported count.
+///      - Removing a member withdraws its update to the open round (`withdrawn(r, m)`, no longer in
+///        `submittedCount`); re-adding it within the round restores it. Closed rounds never change.
 ///      - A round closes inside `submitUpdate` (or `removeMember`) as soon as every active member
 ///        has submitted to it; or anyone may call `closeRound()` once
 ///        `block.number > roundOpenBlock[r] + roundDeadlineBlocks` (deadline > 0) and at least
@@ -39,6 +43,8 @@ contract TaskLedger {
     error RoundNotClosed(uint32 round, uint32 currentRound);
     error AlreadyAttested(uint32 round, address member);
     error InvalidTask(string reason);
+    error ZeroSamples();
+    error TooManySamples(uint64 nSamples, uint64 maxSamples);
 
     // ------------------------------------------------------------------ events
     event MemberAdded(address indexed member);
@@ -66,6 +72,7 @@ contract TaskLedger {
     string public params;
     uint64 public immutable roundDeadlineBlocks;
     uint32 public immutable quorum;
+    uint64 public immutable maxSamples;
 
     // ------------------------------------------------------------------ state
     bool public started;
@@ -79,6 +86,8 @@ contract TaskLedger {
     mapping(uint32 => uint64) public roundCloseBlock; // 0 = not closed
     mapping(uint32 => uint32) public submittedCount;
     mapping(uint32 => mapping(address => bool)) public hasSubmitted;
+    // Updates of round r whose sender was removed before r closed (and not re-added): not counted.
+    mapping(uint32 => mapping(address => bool)) public withdrawn;
     // Updates of the current round by members that are still active (drives the automatic close).
     uint32 private _activeSubmitted;
 
@@ -98,10 +107,12 @@ contract TaskLedger {
         uint32 nRounds_,
         string memory params_,
         uint64 roundDeadlineBlocks_,
-        uint32 quorum_
+        uint32 quorum_,
+        uint64 maxSamples_
     ) {
         if (nRounds_ == 0) revert InvalidTask("nRounds must be at least 1");
         if (quorum_ == 0) revert InvalidTask("quorum must be at least 1");
+        if (maxSamples_ == 0) revert InvalidTask("maxSamples must be at least 1");
         admin = msg.sender;
         modelArch = modelArch_;
         initialModelDigest = initialModelDigest_;
@@ -109,6 +120,7 @@ contract TaskLedger {
         params = params_;
         roundDeadlineBlocks = roundDeadlineBlocks_;
         quorum = quorum_;
+        maxSamples = maxSamples_;
     }
 
     // ------------------------------------------------------------------ modifiers
@@ -129,12 +141,17 @@ contract TaskLedger {
         _members.push(member);
         _memberIndex[member] = _members.length;
         // A member removed and re-added within a round keeps its update to that round.
-        if (started && !finished && hasSubmitted[currentRound][member]) _activeSubmitted += 1;
+        if (started && !finished && hasSubmitted[currentRound][member]) {
+            _activeSubmitted += 1;
+            submittedCount[currentRound] += 1;
+            withdrawn[currentRound][member] = false;
+        }
         emit MemberAdded(member);
     }
 
-    /// @notice Removes an active member (order of the others is kept). If the task is running and
-    ///         every remaining member already submitted to the current round, that round closes.
+    /// @notice Removes an active member (order of the others is kept). Its update to the open round,
+    ///         if any, is withdrawn. If the task is running and every remaining member already
+    ///         submitted to the current round, that round closes.
     function removeMember(address member) external onlyAdmin {
         uint256 idx = _memberIndex[member];
         if (idx == 0) revert NotAMember(member);
@@ -148,7 +165,11 @@ contract TaskLedger {
         delete _memberIndex[member];
         emit MemberRemoved(member);
         if (started && !finished) {
-            if (hasSubmitted[currentRound][member]) _activeSubmitted -= 1;
+            if (hasSubmitted[currentRound][member]) {
+                _activeSubmitted -= 1;
+                submittedCount[currentRound] -= 1;
+                withdrawn[currentRound][member] = true;
+            }
             if (_members.length > 0 && _activeSubmitted == _members.length) _closeRound();
         }
     }
@@ -189,6 +210,8 @@ contract TaskLedger {
         if (round < cur) revert RoundClosed(round, cur);
         if (hasSubmitted[round][msg.sender]) revert AlreadySubmitted(round, msg.sender);
         if (digest == bytes32(0)) revert ZeroDigest();
+        if (nSamples == 0) revert ZeroSamples();
+        if (nSamples > maxSamples) revert TooManySamples(nSamples, maxSamples);
 
         hasSubmitted[round][msg.sender] = true;
         submittedCount[round] += 1;

@@ -109,21 +109,40 @@ def task_params(cfg, layout, n_classes: int, in_chans: int) -> dict:
 def create_task(w3, admin, cfg, members: list[str], *, n_classes: int, in_chans: int = 1,
                 deadline_blocks: int = 0, quorum: int = 1, start: bool = True):
     """Deploy a TaskLedger for ``cfg`` (the initial model is ``cfg.model`` drawn from
-    ``cfg.seed``), add ``members`` and start it. Returns the admin's LedgerClient."""
+    ``cfg.seed``), add ``members`` and start it. Returns the admin's LedgerClient.
+
+    Everything is checked before the first transaction (no orphan contract on a bad argument):
+    ``cfg`` (its own checks), member addresses (hex, EIP-55 checksum when mixed-case, no zero
+    address, no repeats), quorum, deadline, classes, channels, and that the model builds. The
+    ledger's cap on reported sample counts is ``cfg.max_samples`` (None: 2**64 − 1, logged as a
+    warning with rule ``mean``, where one member could then outweigh all others)."""
     from medchain.chain import deploy_ledger
+    from medchain.chain.ledger import _member_address
     from medchain.models import build_model
     from medchain.params import Layout, digest_vector, model_vector
 
     if not members:
         raise ValueError("a task needs at least one member address")
-    if quorum < 1 or quorum > len(members):
+    members = [_member_address(m) for m in members]
+    dup = sorted({m for m in members if members.count(m) > 1})
+    if dup:
+        raise ValueError(f"member address(es) listed more than once: {', '.join(dup)}")
+    if not 1 <= quorum <= len(members):
         raise ValueError(f"quorum must be between 1 and the number of members ({len(members)}), got {quorum}")
+    if not 0 <= int(deadline_blocks) < 2 ** 64:
+        raise ValueError(f"deadline_blocks must be >= 0 (0: no deadline), got {deadline_blocks}")
+    if int(n_classes) < 2 or int(in_chans) < 1:
+        raise ValueError(f"need at least 2 classes and 1 channel, got {n_classes} and {in_chans}")
+    if cfg.max_samples is None and cfg.aggregation.split(":")[0] == "mean":
+        log.warning("no max_samples cap: with rule 'mean' a member reporting a huge sample count would "
+                    "outweigh all others; pass --max-samples (the largest member's training set size)")
     model = build_model(cfg.model, in_chans, n_classes, cfg.seed)
     layout = Layout.from_module(model)
     init = digest_vector(model_vector(model, layout), layout)
     return deploy_ledger(w3, admin, cfg.model, init, cfg.rounds,
                          params=task_params(cfg, layout, n_classes, in_chans),
-                         deadline_blocks=deadline_blocks, quorum=quorum, members=list(members), start=start)
+                         deadline_blocks=deadline_blocks, quorum=quorum, members=list(members), start=start,
+                         max_samples=cfg.max_samples if cfg.max_samples is not None else 2 ** 64 - 1)
 
 
 # ------------------------------------------------------------------------------ Byzantine drills
@@ -151,6 +170,27 @@ def byzantine_select(kind: str, scale: float | None = None, seed: int = 0
             v = np.where(np.arange(d.size) % 2 == 0, s, -s)
         return None, v.astype(np.float32)
     return select
+
+
+def check_byzantine(byzantine: dict[int, str], processes: int) -> dict[int, str]:
+    """``byzantine`` ({index: "kind[:scale]"}) if every index names one of the ``processes``
+    institutions and every attack is known; ValueError naming the valid range otherwise (an index
+    out of range would otherwise be ignored silently while the summary records the drill)."""
+    out = {}
+    for i, spec in byzantine.items():
+        if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < processes:
+            raise ValueError(f"--byzantine index {i} is out of range: with {processes} process(es) the "
+                             f"institutions are numbered 0..{processes - 1}")
+        kind, _, scale = str(spec).partition(":")
+        try:
+            value = float(scale) if scale else None
+        except ValueError:
+            raise ValueError(f"--byzantine {i}:{spec}: the scale {scale!r} is not a number") from None
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"--byzantine {i}:{spec}: the scale must be a finite number > 0")
+        byzantine_select(kind, value)            # unknown kind: ValueError naming the known ones
+        out[int(i)] = str(spec)
+    return out
 
 
 # ------------------------------------------------------------------------------ data
@@ -648,7 +688,7 @@ class Deployment:
         self.block_time = block_time if block_time is not None else (0.25 if self.deadline_blocks else None)
         self.chain_id = chain_id
         self.blobs = blobs or str(self.workdir / "blobs")
-        self.byzantine = dict(byzantine or {})
+        self.byzantine = check_byzantine(byzantine or {}, self.n)
         self.threads, self.poll_interval, self.rpc_timeout = threads, poll_interval, rpc_timeout
         self.state_file = self.workdir / "chain-state.json" if persist_chain else None
         self.node_args = dict(node_args or {})
@@ -694,7 +734,11 @@ class Deployment:
         """Deploy the task with N members (dev accounts 1..N; account 0 is the admin). Not started
         unless ``start``: :meth:`start_task` once the processes are ready, so that round 0 does not
         race their start-up."""
+        from dataclasses import replace
+
         from medchain.chain import dev_accounts
+        if self.cfg.max_samples is None:   # cap the reported sample counts at the largest share
+            self.cfg = replace(self.cfg, max_samples=self.largest_share())
         self.accounts = dev_accounts(self.w3, self.n + 1)
         admin, members = self.accounts[0], self.accounts[1:]
         self.ledger = create_task(self.w3, admin, self.cfg, [m.address for m in members], n_classes=n_classes,
@@ -702,6 +746,14 @@ class Deployment:
                                   start=start)
         self.nodes = [self._node_process(i) for i in range(self.n)]
         return self.ledger.address
+
+    def largest_share(self) -> int:
+        """Training images of the largest institution in the drill's split (the split the nodes
+        make with the task's seed): the default cap on the sample count an update may report."""
+        from medchain.data import load_dataset, partition as split
+        insts = split(load_dataset(self.data), None if self.partition == "sites" else self.n, self.partition,
+                      alpha=self.alpha, fraction=self.fraction, seed=self.cfg.seed)
+        return max(1, max(len(d.train) for d in insts))
 
     def ready(self, i: int) -> bool:
         """Whether node i reported ready (set up, waiting to train) since its latest launch."""
@@ -851,19 +903,102 @@ class Deployment:
         return rows, summary
 
 
-def simulate(processes: int, cfg, *, data: str = "simulated:n=600", out: str | Path = "results/simulate",
+LOCK_NAME = ".medchain-run.lock"
+
+
+def fresh_run_dir(base: str | Path = "results/simulate") -> Path:
+    """A new, not yet existing folder ``base/run-YYYYmmdd-HHMMSS[-k]`` for one run."""
+    base = Path(base)
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    path, k = base / stamp, 1
+    while path.exists():
+        k += 1
+        path = base / f"{stamp}-{k}"
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    """Exclusive use of an output folder by one run: created if missing, refused if it already
+    holds anything (a new run's metrics would mix with an old run's), and locked by a lock file
+    (created atomically, holding this process id) while the run writes; the lock is removed on exit.
+    A second run into the same folder is refused with a message naming the holder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock = self.path / LOCK_NAME
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a file, not a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(self.lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                holder = None
+            if holder is not None and _pid_alive(holder):
+                raise RuntimeError(f"{self.path} is in use by another run (process {holder} holds "
+                                   f"{self.lock}); wait for it to finish or choose another --out") from None
+            raise RuntimeError(f"{self.path} holds a lock left by a run that is no longer running "
+                               f"({self.lock}); its results may be incomplete: choose another --out, or "
+                               "delete that folder if you do not need it") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME)
+        if others:
+            self.lock.unlink()
+            shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
+            raise RuntimeError(f"--out {self.path} is not empty ({shown}): one folder holds one run, and a "
+                               "new run would mix its metrics with the old ones. Choose a new --out, or "
+                               "omit --out for a fresh folder under results/simulate/")
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.lock.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def simulate(processes: int, cfg, *, data: str = "simulated:n=600", out: str | Path | None = None,
              partition: str = "iid", alpha: float = 0.5, fraction: float = 1.0, deadline_blocks: int = 0,
              quorum: int | None = None, byzantine: dict[int, str] | None = None, threads: int = 1,
              timeout: float = 1800.0, chain_id: int = 31337) -> dict:
     """``medchain simulate``: an anvil node, one task, ``processes`` institution processes; waits for
     them and writes ``out/metrics.csv`` (one row per node and round, plus the final global model on
     the pooled test splits) and ``out/summary.json`` (final ACC, digest, ledger address, block hash,
-    overhead, start-up time, peak memory, parameters, versions). Returns the summary."""
+    overhead, start-up time, peak memory, parameters, versions). Returns the summary (its
+    ``out`` key names the folder).
+
+    ``out`` must be empty or absent (None: a fresh ``results/simulate/run-<time>``); it is locked
+    while the run writes (:class:`RunDir`). Arguments are checked before anything starts."""
+    if int(processes) < 1:
+        raise ValueError(f"need at least one institution process, got {processes}")
+    byzantine = check_byzantine(byzantine or {}, int(processes))
+    out = fresh_run_dir() if out is None else Path(out)
+    with RunDir(out):
+        return _simulate_into(out, processes, cfg, data=data, partition=partition, alpha=alpha,
+                              fraction=fraction, deadline_blocks=deadline_blocks, quorum=quorum,
+                              byzantine=byzantine, threads=threads, timeout=timeout, chain_id=chain_id)
+
+
+def _simulate_into(out: Path, processes: int, cfg, *, data, partition, alpha, fraction, deadline_blocks,
+                   quorum, byzantine, threads, timeout, chain_id) -> dict:
     from medchain.data import load_dataset, save_npz
     from medchain.results import write_metrics, write_summary
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data)
     source = data
     if data.strip().lower().startswith("simulated"):    # generate once, not once per process
@@ -887,7 +1022,8 @@ def simulate(processes: int, cfg, *, data: str = "simulated:n=600", out: str | P
         rows, summary = dep.results(dataset)
     summary["total_s"] = round(time.time() - t0, 3)
     summary["data"] = data
+    summary["out"] = str(out)
     write_metrics(rows, out / "metrics.csv")
-    params = {**cfg.to_dict(), "processes": processes, "partition": partition, "alpha": alpha,
+    params = {**dep.cfg.to_dict(), "processes": processes, "partition": partition, "alpha": alpha,
               "fraction": fraction, "deadline_blocks": deadline_blocks, "quorum": quorum, "threads": threads}
     return write_summary(summary, out / "summary.json", params=params, seed=cfg.seed)

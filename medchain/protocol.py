@@ -60,6 +60,10 @@ class CollabConfig:
     "layer"), gamma (clip bound) and sigma (noise) shape the upload when theta_u < 1.
     max_inline_bytes: payloads up to this size travel in the transaction, larger ones in the blob
     store. max_abs_update: any update value beyond ±this is refused as oversized.
+    max_samples: the largest sample count an update may report (None: no cap beyond 2**64 − 1).
+    The ledger is deployed with it and refuses 0 and anything above; every replica also refuses
+    such an update. Sample counts are self-reported: with rule ``mean`` the cap bounds one member's
+    weight — set it near the largest honest institution's training set.
     bn_recalibrate: after local training, recompute BatchNorm statistics exactly over the local
     training data (a few local steps leave the running averages stale; measured: without it the
     global model sits at the majority rate for the first rounds).
@@ -87,14 +91,57 @@ class CollabConfig:
     max_inline_bytes: int = 64_000
     max_abs_update: float = 1e3
     bn_recalibrate: bool = True
+    max_samples: int | None = None
 
     def __post_init__(self):
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError(f"need rounds >= 1 and local_epochs >= 1, got {self.rounds}, {self.local_epochs}")
-        for name in ("theta_u", "theta_d"):
+        """Every parameter is checked here, so that a bad one is refused before a task is deployed
+        (a ledger's parameters cannot be changed afterwards)."""
+        from medchain.models import list_models
+        from medchain.privacy import RULES as SELECT_RULES, SCOPES
+        from medchain.training import OPTIMIZERS
+
+        def need(ok: bool, what: str, value) -> None:
+            if not ok:
+                raise ValueError(f"task parameter {what}, got {value!r}")
+
+        def integer(name: str) -> int:
             v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {v}")
+            need(isinstance(v, (int, np.integer)) and not isinstance(v, bool), f"{name} must be an integer", v)
+            return int(v)
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            need(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                 and np.isfinite(float(v)), f"{name} must be a finite number", v)
+            return float(v)
+
+        need(integer("rounds") >= 1, "rounds must be >= 1", self.rounds)
+        need(integer("local_epochs") >= 1, "local_epochs must be >= 1", self.local_epochs)
+        need(integer("batch_size") >= 1, "batch_size must be >= 1", self.batch_size)
+        need(number("lr") > 0, "lr must be > 0", self.lr)
+        need(0 <= number("lr_floor") <= 1, "lr_floor must be in [0, 1]", self.lr_floor)
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}", self.optimizer)
+        need(number("weight_decay") >= 0, "weight_decay must be >= 0", self.weight_decay)
+        need(number("prox_mu") >= 0, "prox_mu must be >= 0", self.prox_mu)
+        need(number("server_lr") > 0, "server_lr must be > 0", self.server_lr)
+        need(0 <= number("server_momentum") < 1, "server_momentum must be in [0, 1)", self.server_momentum)
+        for name in ("theta_u", "theta_d"):
+            need(0 < number(name) <= 1, f"{name} must be in (0, 1]", getattr(self, name))
+        need(self.select_rule in SELECT_RULES, f"select_rule must be one of {SELECT_RULES}", self.select_rule)
+        need(self.select_scope in SCOPES, f"select_scope must be one of {SCOPES}", self.select_scope)
+        if self.gamma is not None:
+            need(number("gamma") > 0, "gamma (clip bound) must be > 0 or None", self.gamma)
+        if self.sigma is not None:
+            need(number("sigma") >= 0, "sigma (noise) must be >= 0 or None", self.sigma)
+        need(isinstance(self.model, str) and (self.model in list_models() or self.model.startswith("timm:")),
+             f"model must be one of {list_models()} or 'timm:<name>'", self.model)
+        need(0 <= integer("seed") < 2 ** 63, "seed must be in [0, 2**63)", self.seed)
+        need(integer("max_inline_bytes") >= 0, "max_inline_bytes must be >= 0", self.max_inline_bytes)
+        need(number("max_abs_update") > 0, "max_abs_update must be > 0", self.max_abs_update)
+        need(isinstance(self.bn_recalibrate, bool), "bn_recalibrate must be true or false", self.bn_recalibrate)
+        if self.max_samples is not None:
+            need(1 <= integer("max_samples") < 2 ** 64, "max_samples must be in [1, 2**64) or None",
+                 self.max_samples)
         validate_rule(self.aggregation)
 
     def to_dict(self) -> dict:
@@ -264,12 +311,28 @@ class Institution:
         store, or stored bytes that do not match the digest, is a *local* problem (another
         institution may hold the right bytes): it raises (BlobNotFound / DigestMismatch) instead of
         being refused, since refusing it here alone would make this replica diverge.
+
+        Also left out, before any payload is read: an update the ledger marks ``withdrawn`` (its
+        sender was removed before the round closed; final once the round closed) and one whose
+        ``n_samples`` is 0 or above the task's ``max_samples`` (the contract already refuses both;
+        the check keeps the chain-free reference and older ledgers to the same rule).
         """
         t0 = time.perf_counter()
         records = self.ledger.updates(r)
         t1 = time.perf_counter()
         out, refused = [], []
+        cap = self.cfg.max_samples
         for rec in records:
+            if getattr(rec, "withdrawn", False):
+                refused.append((rec.sender, "withdrawn: the member was removed before the round closed"))
+                log.warning("round %d: left out the update of %s (removed before the round closed)", r, rec.sender)
+                continue
+            if rec.n_samples < 1 or (cap is not None and rec.n_samples > cap):
+                why = (f"n_samples={rec.n_samples} is outside [1, {cap if cap is not None else 2 ** 64 - 1}] "
+                       "(the task's max_samples)")
+                refused.append((rec.sender, why))
+                log.warning("round %d: refused the update of %s: %s", r, rec.sender, why)
+                continue
             inline = bytes(rec.payload)
             payload = inline if inline else fetch_payload(rec.digest, b"", self.store)
             try:
@@ -342,8 +405,13 @@ class Institution:
 def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = None) -> None:
     """All n_members attestations of round r must equal `expected`; else raise naming the round.
     n_members None (deployment: members may be absent or not attested yet): every attestation
-    recorded so far must equal `expected`, however many there are."""
+    recorded so far must equal `expected`, however many there are. Attestations of accounts that
+    are no longer members (removed by the admin) do not count: removing a member that attested
+    garbage lets the honest ones go on (and restart) past that round."""
     atts = ledger.attestations(r)
+    if hasattr(ledger, "members"):
+        active = set(ledger.members())
+        atts = [a for a in atts if a.member in active]
     bad = [a for a in atts if a.digest != expected]
     if bad or (n_members is not None and len(atts) != n_members):
         detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
@@ -404,7 +472,8 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
         accounts = dev_accounts(w3, len(institutions) + 1)
         admin = deploy_ledger(w3, accounts[0], cfg.model, init_digest, cfg.rounds,
                               params={**cfg.to_dict(), "layout_id": layout.layout_id_hex},
-                              members=[a.address for a in accounts[1:]], start=True)
+                              members=[a.address for a in accounts[1:]], start=True,
+                              max_samples=cfg.max_samples if cfg.max_samples is not None else 2 ** 64 - 1)
         clients = [admin.as_account(a) for a in accounts[1:]]
     insts = [Institution(d, n_classes, cfg, c, store, **(institution_kwargs(d.index) if institution_kwargs else {}))
              for d, c in zip(institutions, clients)]

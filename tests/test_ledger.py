@@ -239,7 +239,7 @@ def test_updates_in_chain_order_within_a_block(chain):
     tester = w3.provider.ethereum_tester
     tester.disable_auto_mine_transactions()
     order = [2, 0, 1]
-    hashes = [clients[i].submit_update(0, _upd(f"m{i}")[0], i, i, wait=False) for i in order]
+    hashes = [clients[i].submit_update(0, _upd(f"m{i}")[0], i, i + 1, wait=False) for i in order]
     tester.enable_auto_mine_transactions()  # mines the pending transactions in one block
     for h in hashes:
         ledger.wait_for_receipt(h)

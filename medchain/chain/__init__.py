@@ -14,7 +14,8 @@ from .connection import chain_identity, connect, final_block_hash, is_embedded, 
 from .errors import (AlreadyAttested, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
                      FutureRound, InsufficientFunds, InvalidMember, InvalidTask, LedgerError, LedgerTimeout, NoDeadline,
                      NotAdmin, NotAMember, NotStarted, PayloadTooLarge, QuorumNotReached, RoundClosed,
-                     RoundNotClosed, TaskFinished, TransactionReverted, ZeroDigest)
+                     RoundNotClosed, TaskFinished, TooManySamples, TransactionReverted, ZeroDigest,
+                     ZeroSamples)
 from .ledger import (Attestation, LedgerClient, RoundInfo, TaskInfo, Update, canonical_params,
                      deploy_ledger)
 from .tx import advance_blocks, calldata_floor_gas, send_transaction
@@ -27,5 +28,5 @@ __all__ = [
     "LedgerError", "InsufficientFunds", "TransactionReverted", "LedgerTimeout", "PayloadTooLarge", "NotAdmin", "NotAMember",
     "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted", "TaskFinished", "FutureRound",
     "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline", "DeadlineNotPassed",
-    "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask",
+    "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask", "ZeroSamples", "TooManySamples",
 ]

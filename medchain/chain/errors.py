@@ -21,6 +21,7 @@ __all__ = [
     "NotAdmin", "NotAMember", "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted",
     "TaskFinished", "FutureRound", "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline",
     "DeadlineNotPassed", "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask",
+    "ZeroSamples", "TooManySamples",
     "ERRORS", "RevertDecoder", "revert_data_from_exception",
 ]
 
@@ -146,11 +147,22 @@ class InvalidTask(LedgerError):
     template = "invalid task parameters: {reason}"
 
 
+class ZeroSamples(LedgerError):
+    template = ("an update must report at least 1 training sample (n_samples = 0 would give it a zero "
+                "aggregation weight)")
+
+
+class TooManySamples(LedgerError):
+    template = ("the update reports n_samples={nSamples}, above the cap of {maxSamples} samples per member "
+                "that the task on ledger {contract} fixed at creation")
+
+
 ERRORS: dict[str, type[LedgerError]] = {
     cls.__name__: cls for cls in (
         NotAdmin, NotAMember, AlreadyMember, InvalidMember, NotStarted, AlreadyStarted,
         TaskFinished, FutureRound, RoundClosed, AlreadySubmitted, ZeroDigest, NoDeadline,
-        DeadlineNotPassed, QuorumNotReached, RoundNotClosed, AlreadyAttested, InvalidTask)
+        DeadlineNotPassed, QuorumNotReached, RoundNotClosed, AlreadyAttested, InvalidTask,
+        ZeroSamples, TooManySamples)
 }
 for _name, _cls in ERRORS.items():
     _cls.reason = _name

@@ -94,11 +94,14 @@ class TaskInfo:
     started: bool
     finished: bool
     current_round: int
+    max_samples: int = 2 ** 64 - 1
 
 
 @dataclass(frozen=True)
 class Update:
-    """One ``UpdateSubmitted`` event. ``payload`` is empty when it lives in the blob store."""
+    """One ``UpdateSubmitted`` event. ``payload`` is empty when it lives in the blob store.
+    ``withdrawn``: its sender was removed before the round closed (and not re-added), so the update
+    does not count; final once the round closed (closed rounds never change)."""
     round: int
     sender: str
     digest: bytes
@@ -108,6 +111,7 @@ class Update:
     block_number: int
     log_index: int
     tx_hash: str
+    withdrawn: bool = False
 
     @property
     def payload_size(self) -> int:
@@ -266,7 +270,16 @@ class LedgerClient:
         except json.JSONDecodeError:
             decoded = {"_unparsed": params}
         return TaskInfo(self.address, to_checksum_address(admin), arch, bytes(init), n_rounds, decoded,
-                        params, deadline, quorum, started, finished, cur)
+                        params, deadline, quorum, started, finished, cur, self._call("maxSamples")[0])
+
+    def max_samples(self) -> int:
+        """The cap on an update's ``n_samples`` fixed at deployment (updates need 1 <= n <= cap)."""
+        return self._call("maxSamples")[0]
+
+    def withdrawn(self, round: int, member: str) -> bool:
+        """Whether ``member``'s update to ``round`` was withdrawn by its removal before the round
+        closed (final once the round closed)."""
+        return self._call("withdrawn", _uint(round, 32, "round"), to_checksum_address(member))[0]
 
     def current_round(self) -> int:
         """The open round; after the last round closed it equals ``n_rounds`` (all rounds closed)."""
@@ -336,6 +349,7 @@ class LedgerClient:
 
         Reads ``UpdateSubmitted`` logs of this ledger over ``[roundOpenBlock(r), roundCloseBlock(r)]``
         (or up to the latest block while the round is open). Empty if the round never opened.
+        Each update says whether it was ``withdrawn`` (its sender removed before the round closed).
         """
         open_block = self.round_open_block(round)
         if open_block == 0:
@@ -347,15 +361,19 @@ class LedgerClient:
             "topics": ["0x" + ev["topic"].hex(), "0x" + abi_encode(["uint32"], [round]).hex()],
         }), what="eth_getLogs", label=self._label)
         out = []
+        withdrawn: dict[str, bool] = {}
         data_types = [t for _, t in ev["data"]]
         for lg in logs:
             topics = lg["topics"]
             (r,) = abi_decode(["uint32"], bytes(topics[1]))
             (sender,) = abi_decode(["address"], bytes(topics[2]))
             digest, n_values, n_samples, payload = abi_decode(data_types, bytes(lg["data"]))
-            out.append(Update(r, to_checksum_address(sender), bytes(digest), n_values, n_samples,
+            sender = to_checksum_address(sender)
+            if sender not in withdrawn:
+                withdrawn[sender] = self.withdrawn(round, sender)
+            out.append(Update(r, sender, bytes(digest), n_values, n_samples,
                               bytes(payload), lg["blockNumber"], lg["logIndex"],
-                              "0x" + bytes(lg["transactionHash"]).hex()))
+                              "0x" + bytes(lg["transactionHash"]).hex(), withdrawn[sender]))
         out.sort(key=lambda u: (u.block_number, u.log_index))
         return out
 
@@ -398,26 +416,50 @@ class LedgerClient:
             time.sleep(poll_interval)
 
 
+def _member_address(value: str) -> str:
+    """The checksummed address of ``value`` (0x + 40 hex digits; a mixed-case address must carry a
+    valid EIP-55 checksum); ValueError naming the bad value otherwise."""
+    from eth_utils import is_checksum_address, is_hex_address
+    text = str(value).strip()
+    if not is_hex_address(text):
+        raise ValueError(f"member address {text!r} is not an address (expected 0x and 40 hex digits)")
+    if text[2:] != text[2:].lower() and text[2:] != text[2:].upper() and not is_checksum_address(text):
+        raise ValueError(f"member address {text} has a wrong EIP-55 checksum (a typo?); expected "
+                         f"{to_checksum_address(text)} if that is the address you mean")
+    if int(text, 16) == 0:
+        raise ValueError("the zero address cannot be a member")
+    return to_checksum_address(text)
+
+
 def deploy_ledger(w3: Web3, admin_account: LocalAccount, model_arch: str, initial_digest: bytes | str,
                   n_rounds: int, params: Mapping[str, Any] | None = None, deadline_blocks: int = 0,
                   quorum: int = 1, *, members: Sequence[str] = (), start: bool = False,
-                  gas_margin: float = 1.2) -> LedgerClient:
+                  max_samples: int = 2 ** 64 - 1, gas_margin: float = 1.2) -> LedgerClient:
     """Deploy a TaskLedger for one task and return a client acting as the admin.
 
     ``params`` is stored as canonical JSON (:func:`canonical_params`). ``deadline_blocks`` = 0: no
     deadline (a round closes only when every active member submitted); otherwise anyone may close a
     round once ``deadline_blocks`` blocks passed since it opened and ``quorum`` (>= 1) updates arrived.
+    ``max_samples`` (>= 1): the largest ``n_samples`` an update may report (the contract refuses 0
+    and anything above); with the ``mean`` rule it bounds what one member's update can weigh.
     ``members`` are added and the task is started if ``start``, as separate transactions.
     """
     art = load_artifact(CONTRACT_NAME)
     abi, decoder = _codec(CONTRACT_NAME)
     args = [str(model_arch), _digest32(initial_digest, "initial model digest"),
             _uint(n_rounds, 32, "n_rounds"), canonical_params(params or {}),
-            _uint(deadline_blocks, 64, "deadline_blocks"), _uint(quorum, 32, "quorum")]
+            _uint(deadline_blocks, 64, "deadline_blocks"), _uint(quorum, 32, "quorum"),
+            _uint(max_samples, 64, "max_samples")]
     if args[2] < 1:
         raise ValueError("n_rounds must be at least 1")
     if args[5] < 1:
         raise ValueError("quorum must be at least 1")
+    if args[6] < 1:
+        raise ValueError("max_samples must be at least 1")
+    members = [_member_address(m) for m in members]
+    if len(set(members)) != len(members):
+        dup = next(m for m in members if members.count(m) > 1)
+        raise ValueError(f"member {dup} is listed twice")
     data = bytes.fromhex(art["bytecode"][2:]) + abi_encode(abi.constructor_types, args)
     receipt = send_transaction(w3, admin_account, {"data": data}, decoder=decoder,
                                contract=f"new {CONTRACT_NAME}", gas_margin=gas_margin)

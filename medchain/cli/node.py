@@ -10,32 +10,67 @@ from dataclasses import fields
 from pathlib import Path
 
 
+def _number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False):
+    """An argparse ``type`` that parses ``kind`` (int or float) and checks the range at parse time, so a
+    bad value is a clear usage error (exit 2) before anything starts."""
+    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
+    span = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if kind is float and v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and (v < low or (low_open and v == low))) or \
+                (high is not None and (v > high or (high_open and v == high))):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be in {span}")
+        return v
+    parse.__name__ = kind.__name__       # argparse names the type in its messages
+    return parse
+
+
+POS_INT = _number(int, low=1)
+NONNEG_INT = _number(int, low=0)
+POS_FLOAT = _number(float, low=0, low_open=True)
+NONNEG_FLOAT = _number(float, low=0)
+FRACTION = _number(float, low=0, high=1, low_open=True)
+
+
 def _add_training_args(p: argparse.ArgumentParser, rounds_default: int) -> None:
     from medchain.protocol import CollabConfig
     d = CollabConfig()
     g = p.add_argument_group("training parameters (recorded on chain in the task params)")
-    g.add_argument("--rounds", type=int, default=rounds_default)
-    g.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--lr-floor", type=float, default=d.lr_floor)
-    g.add_argument("--optimizer", default=d.optimizer)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--prox-mu", type=float, default=d.prox_mu)
-    g.add_argument("--server-lr", type=float, default=d.server_lr)
-    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
+    g.add_argument("--rounds", type=POS_INT, default=rounds_default)
+    g.add_argument("--local-epochs", type=POS_INT, default=d.local_epochs)
+    g.add_argument("--batch-size", type=POS_INT, default=d.batch_size)
+    g.add_argument("--lr", type=POS_FLOAT, default=d.lr)
+    g.add_argument("--lr-floor", type=_number(float, low=0, high=1), default=d.lr_floor)
+    g.add_argument("--optimizer", default=d.optimizer, choices=("adam", "adamw", "sgd"))
+    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=d.weight_decay)
+    g.add_argument("--prox-mu", type=NONNEG_FLOAT, default=d.prox_mu)
+    g.add_argument("--server-lr", type=POS_FLOAT, default=d.server_lr)
+    g.add_argument("--server-momentum", type=_number(float, low=0, high=1, high_open=True),
+                   default=d.server_momentum)
     g.add_argument("--aggregation", default=d.aggregation,
                    help="mean | median | trimmed_mean[:beta] | norm_clip[:bound] | multi_krum[:f]")
-    g.add_argument("--theta-u", type=float, default=d.theta_u, help="fraction of each update uploaded")
-    g.add_argument("--theta-d", type=float, default=d.theta_d)
+    g.add_argument("--theta-u", type=FRACTION, default=d.theta_u, help="fraction of each update uploaded")
+    g.add_argument("--theta-d", type=FRACTION, default=d.theta_d)
     g.add_argument("--model", default=d.model)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--max-inline-bytes", type=int, default=d.max_inline_bytes)
-    g.add_argument("--max-abs-update", type=float, default=d.max_abs_update)
+    g.add_argument("--seed", type=_number(int, low=0, high=2 ** 63, high_open=True), default=d.seed)
+    g.add_argument("--max-inline-bytes", type=NONNEG_INT, default=d.max_inline_bytes)
+    g.add_argument("--max-abs-update", type=POS_FLOAT, default=d.max_abs_update)
+    g.add_argument("--max-samples", type=_number(int, low=1, high=2 ** 64, high_open=True), default=None,
+                   help="cap on the sample count an update may report (the ledger refuses 0 and more); "
+                        "set it near the largest member's training set, above all with rule mean "
+                        "(simulate: default the largest share; task create: default none)")
     g.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false")
-    g.add_argument("--deadline-blocks", type=int, default=0,
+    g.add_argument("--deadline-blocks", type=NONNEG_INT, default=0,
                    help="after D blocks anyone may close a round that has --quorum updates (0: no deadline)")
-    g.add_argument("--quorum", type=int, default=None, help="default: every member")
+    g.add_argument("--quorum", type=POS_INT, default=None, help="default: every member")
 
 
 def _config(args):
@@ -61,19 +96,21 @@ def register(sub) -> None:
                    help="environment variable holding this institution's private key (never pass keys as arguments)")
     p.add_argument("--data", default="simulated", help="data source (see `medchain data info`)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet | quantity | sites")
-    p.add_argument("--institutions", type=int, required=True, help="number of institutions in the split")
-    p.add_argument("--institution-index", type=int, required=True, help="this institution's share (0-based)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--fraction", type=float, default=1.0, help="keep this fraction of the train split")
-    p.add_argument("--seed", type=int, default=None, help="partition seed (default: the task's seed)")
+    p.add_argument("--institutions", type=POS_INT, required=True, help="number of institutions in the split")
+    p.add_argument("--institution-index", type=NONNEG_INT, required=True,
+                   help="this institution's share (0-based)")
+    p.add_argument("--alpha", type=POS_FLOAT, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--fraction", type=FRACTION, default=1.0, help="keep this fraction of the train split")
+    p.add_argument("--seed", type=NONNEG_INT, default=None, help="partition seed (default: the task's seed)")
     p.add_argument("--blobs", default=None, help="blob store directory or URI (payloads above max_inline_bytes)")
     p.add_argument("--metrics", type=Path, default=None, help="append one JSON line per round here")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=POS_INT, default=1,
                    help="torch threads (default 1; bit-identical results need the same count everywhere)")
-    p.add_argument("--poll-interval", type=float, default=0.2, help="seconds between chain polls")
-    p.add_argument("--rpc-timeout", type=float, default=120.0,
+    p.add_argument("--poll-interval", type=POS_FLOAT, default=0.2, help="seconds between chain polls")
+    p.add_argument("--rpc-timeout", type=POS_FLOAT, default=120.0,
                    help="stop after the RPC endpoint has been unreachable this long (s)")
-    p.add_argument("--round-timeout", type=float, default=3600.0, help="stop after waiting this long for a round")
+    p.add_argument("--round-timeout", type=POS_FLOAT, default=3600.0,
+                   help="stop after waiting this long for a round")
     p.add_argument("--byzantine", default=None, metavar="KIND[:SCALE]",
                    help="drills only: submit a malicious update (signflip, scale, random, huge)")
     p.add_argument("--log-level", default="INFO")
@@ -85,8 +122,8 @@ def register(sub) -> None:
     c.add_argument("--rpc", required=True)
     c.add_argument("--key-env", required=True, metavar="VAR", help="environment variable with the admin's key")
     c.add_argument("--members", required=True, help="comma-separated member addresses")
-    c.add_argument("--classes", type=int, default=None, help="number of classes (or give --data)")
-    c.add_argument("--channels", type=int, default=None, help="image channels (default 1, or from --data)")
+    c.add_argument("--classes", type=_number(int, low=2), default=None, help="number of classes (or give --data)")
+    c.add_argument("--channels", type=POS_INT, default=None, help="image channels (default 1, or from --data)")
     c.add_argument("--data", default=None, help="infer --classes/--channels from this data source")
     _add_training_args(c, 20)
     c.set_defaults(func=_task_create)
@@ -94,17 +131,19 @@ def register(sub) -> None:
     s = sub.add_parser("simulate", help="an anvil chain plus N institution processes on this machine",
                        description="Launch a local anvil node, create a task, run N `medchain node` processes "
                                    "(keys passed in environment variables) and collect metrics.csv / summary.json.")
-    s.add_argument("--processes", type=int, default=3)
+    s.add_argument("--processes", type=POS_INT, default=3)
     s.add_argument("--data", default="simulated:n=600")
     s.add_argument("--partition", default="iid")
-    s.add_argument("--alpha", type=float, default=0.5)
-    s.add_argument("--fraction", type=float, default=1.0)
-    s.add_argument("--out", type=Path, default=Path("results/simulate"))
+    s.add_argument("--alpha", type=POS_FLOAT, default=0.5)
+    s.add_argument("--fraction", type=FRACTION, default=1.0)
+    s.add_argument("--out", type=Path, default=None,
+                   help="an empty or new folder for this run (locked while it runs); default: a fresh "
+                        "results/simulate/run-<date>-<time>")
     s.add_argument("--byzantine", default="", metavar="I:KIND[:SCALE],...",
                    help="drills: institutions that submit malicious updates, e.g. '0:signflip,3:huge:5000'")
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--timeout", type=float, default=1800.0)
-    s.add_argument("--chain-id", type=int, default=31337)
+    s.add_argument("--threads", type=POS_INT, default=1)
+    s.add_argument("--timeout", type=POS_FLOAT, default=1800.0)
+    s.add_argument("--chain-id", type=POS_INT, default=31337)
     _add_training_args(s, 5)
     s.set_defaults(func=_simulate)
 
@@ -127,6 +166,8 @@ def _node(args) -> int:
         return inst, n_classes
     select = None
     if args.byzantine:
+        from medchain.node import check_byzantine
+        check_byzantine({args.institution_index: args.byzantine}, args.institution_index + 1)
         kind, _, scale = args.byzantine.partition(":")
         select = byzantine_select(kind, float(scale) if scale else None, seed=args.institution_index)
         logging.getLogger("medchain.node").warning("DRILL: this institution submits %s updates", args.byzantine)
@@ -152,8 +193,10 @@ def _task_create(args) -> int:
         channels = channels or ds.n_channels
     if classes is None:
         raise ValueError("give --classes K (or --data SOURCE to read it from the data)")
-    cfg = _config(args)
-    w3 = connect(args.rpc)
+    cfg = _config(args)          # every training parameter checked (CollabConfig) before connecting
+    from medchain.chain.ledger import _member_address
+    members = [_member_address(m) for m in members]
+    w3 = connect(args.rpc)       # create_task checks members, quorum and the model before any transaction
     ledger = create_task(w3, admin, cfg, members, n_classes=classes, in_chans=channels or 1,
                          deadline_blocks=args.deadline_blocks,
                          quorum=args.quorum if args.quorum is not None else len(members))
@@ -173,14 +216,16 @@ def parse_byzantine(text: str) -> dict[int, str]:
 
 
 def _simulate(args) -> int:
-    from medchain.node import simulate
+    from medchain.node import check_byzantine, simulate
 
+    byzantine = check_byzantine(parse_byzantine(args.byzantine), args.processes)   # before anything starts
+    cfg = _config(args)
     _logging("INFO")
-    summary = simulate(args.processes, _config(args), data=args.data, out=args.out, partition=args.partition,
+    summary = simulate(args.processes, cfg, data=args.data, out=args.out, partition=args.partition,
                        alpha=args.alpha, fraction=args.fraction, deadline_blocks=args.deadline_blocks,
-                       quorum=args.quorum, byzantine=parse_byzantine(args.byzantine), threads=args.threads,
+                       quorum=args.quorum, byzantine=byzantine, threads=args.threads,
                        timeout=args.timeout, chain_id=args.chain_id)
-    keys = ("final_acc", "final_digest", "all_nodes_agree", "ledger_address", "final_block_hash", "wall_s",
-            "chain_overhead_pct")
+    keys = ("out", "final_acc", "final_digest", "all_nodes_agree", "ledger_address", "final_block_hash",
+            "wall_s", "chain_overhead_pct")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
     return 0 if summary["all_nodes_agree"] else 1
