@@ -13,18 +13,24 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-_PACKAGES = ("medchain", "torch", "numpy", "scikit-learn", "scikit-image", "pandas", "web3",
-             "eth-tester", "py-evm", "papermill")
+_PACKAGES = ("medchain", "torch", "numpy", "scipy", "scikit-learn", "scikit-image", "pandas",
+             "pillow", "web3", "eth-tester", "py-evm", "papermill")
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and of the packages that shape the numbers."""
+    """Versions of Python and of the packages that shape the numbers, and the CPU capability torch
+    dispatches to (its kernels, hence the floats, differ between e.g. AVX2 and AVX512 machines)."""
+    import torch
+
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    out["machine"] = platform.machine()
+    out["torch_threads"] = str(torch.get_num_threads())
     return out
 
 
@@ -38,6 +44,20 @@ def git_commit() -> str:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def check_provenance(*, quick: bool, allow_dirty: bool = False) -> dict:
+    """Call before a run whose numbers may be published: a full-mode run from a tree with
+    uncommitted changes is refused (its numbers could not be regenerated from any commit) unless
+    allow_dirty=True, which the summary then records. Quick runs are never published and pass.
+    Returns the provenance block for summary.json."""
+    commit = git_commit()
+    dirty = commit.endswith("-dirty")
+    if dirty and not quick and not allow_dirty:
+        raise RuntimeError("the working tree has uncommitted changes: commit them first so that this "
+                           "run can be regenerated from its commit, or pass allow_dirty=True "
+                           "(-p allow_dirty=true), which marks the summary as not regenerable")
+    return {"git_commit": commit, "dirty": dirty, "allow_dirty": bool(allow_dirty), "quick": bool(quick)}
 
 
 def _jsonable(x):
@@ -72,10 +92,17 @@ def write_metrics(rows: list[dict] | pd.DataFrame, path: str | Path) -> pd.DataF
     return table
 
 
-def write_summary(summary: dict, path: str | Path, *, params: dict, seed: int) -> dict:
-    """summary.json: the caller's numbers and verdict plus parameters, seed, versions, git commit."""
-    full = {**summary, "parameters": params, "seed": seed, "versions": versions(),
-            "git_commit": git_commit()}
+def write_summary(summary: dict, path: str | Path, *, params: dict, seeds: list[int] | None = None,
+                  seed: int | None = None) -> dict:
+    """summary.json: the caller's numbers and verdicts plus parameters, the seeds (a single-run
+    caller passes `seed`, recorded under both keys), versions, git commit and whether the tree
+    had uncommitted changes."""
+    if (seeds is None) == (seed is None):
+        raise ValueError("pass exactly one of seeds (a list) or seed (one run)")
+    seeds = [seed] if seeds is None else [int(s) for s in seeds]
+    commit = git_commit()
+    full = {**summary, "parameters": params, "seeds": seeds, **({"seed": seed} if seed is not None else {}),
+            "versions": versions(), "git_commit": commit, "dirty": commit.endswith("-dirty")}
     Path(path).write_text(json.dumps(_jsonable(full), indent=1, sort_keys=False) + "\n")
     return full
 
@@ -90,9 +117,11 @@ def save_figure(fig, path_stem: str | Path) -> list[Path]:
     return [png, pdf]
 
 
-def verdict(claim: str, holds: bool, detail: str) -> dict:
-    """The claim's verdict as recorded in summary.json and shown by `medchain reproduce`."""
-    return {"claim": claim, "holds": bool(holds), "detail": detail}
+def verdict(claim: str, holds: bool | None, detail: str) -> dict:
+    """A verdict that is not a statistical decision (e.g. a mechanism check), in the same record
+    shape as medchain.stats.claim_verdict: holds True/False → "holds"/"fails", None → "inconclusive"."""
+    v = {True: "holds", False: "fails"}.get(None if holds is None else bool(holds), "inconclusive")
+    return {"claim": claim, "verdict": v, "holds": None if holds is None else bool(holds), "detail": detail}
 
 
 def tidy(table: pd.DataFrame, metrics=("acc", "balanced_acc", "auc", "loss")) -> pd.DataFrame:

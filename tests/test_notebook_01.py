@@ -1,5 +1,5 @@
-"""Notebook 01 in quick mode under papermill: it writes its results and claim 1 holds on the IID
-split (collaborative within 2 points of centralized and above mean local-only)."""
+"""Notebook 01 in quick mode under papermill: it writes its results, runs one seed and therefore
+decides nothing ("inconclusive"), with equal budgets and validation selection recorded."""
 import json
 from pathlib import Path
 
@@ -12,21 +12,32 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_centralized_v
 
 
 @pytest.mark.slow
-def test_notebook_01_quick_run_supports_claim_1_on_iid(tmp_path):
+def test_notebook_01_quick_run_records_one_seed_and_no_verdict(tmp_path):
     run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "01_centralized_vs_collaborative"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["partitions"]) == {"iid"}   # quick mode: IID only
     iid = summary["partitions"]["iid"]
-    assert abs(iid["collaborative"]["acc"] - iid["centralized"]["acc"]) <= 0.02
-    assert iid["collaborative"]["acc"] > iid["local_only_mean"]["acc"]
-    assert iid["holds"] is True
-    assert iid["gap_collaborative_minus_centralized"] == pytest.approx(
-        iid["collaborative"]["acc"] - iid["centralized"]["acc"], abs=1e-12)
-    assert len(iid["final_global_digest"]) == 64 and iid["ledger_address"].startswith("0x")
-    assert summary["seed"] == 0 and summary["versions"]["torch"].startswith("2.13")
+    assert summary["seeds"] == [0] and iid["seeds"] == [0]
+    (v,) = summary["verdicts"]
+    assert v["verdict"] == "inconclusive" and v["holds"] is None and "1 seed" in v["detail"]
+    assert {d["metric"] for d in v["decisions"]} == {"acc", "balanced_acc", "auc"}
+    seed0 = iid["per_seed"][0]
+    for m in ("acc", "balanced_acc", "auc"):
+        assert seed0["gap_collaborative_minus_centralized"][m] == pytest.approx(
+            seed0["collaborative"][m] - seed0["centralized"][m], abs=1e-12)
+        assert iid["methods"]["collaborative"][m]["values"] == [seed0["collaborative"][m]]
+    passes = seed0["passes_over_local_data"]
+    assert passes["centralized"] == passes["local_only"] == passes["collaborative"]
+    assert 1 <= seed0["selection"]["collaborative_round"] <= seed0["rounds"]
+    assert seed0["collaborative"]["acc"] > 0.5 and seed0["centralized"]["acc"] > 0.5   # 3 classes: learns
+    assert len(seed0["final_global_digest"]) == 64 and seed0["ledger_address"].startswith("0x")
+    assert summary["chain"]["iid"][0]["ledger_address"] == seed0["ledger_address"]
+    assert summary["versions"]["torch"].startswith("2.13") and summary["versions"]["cpu_capability"]
+    assert summary["provenance"]["quick"] is True
     metrics = pd.read_csv(out / "metrics.csv")
-    assert {"method", "metric", "value", "partition"} <= set(metrics.columns)
+    assert {"method", "metric", "value", "partition", "seed"} <= set(metrics.columns)
     assert set(metrics.method) >= {"centralized", "local_only", "collaborative", "majority"}
-    for ext in ("png", "pdf"):
-        assert (out / f"accuracy_vs_round.{ext}").stat().st_size > 1000
+    for stem in ("accuracy_vs_round", "paired_differences"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000
