@@ -177,3 +177,20 @@ def test_huge_n_fails_fast_from_a_memory_estimate(monkeypatch):
     monkeypatch.setattr(limits, "available_memory", lambda: 10**6)
     with pytest.raises(MemoryError, match="n=100, size=28"):
         simulate_ct(n=100, sites=1)
+
+
+def test_provenance_hashes_the_generator_parameters(ds, ds_seed1, tmp_path):
+    import json
+
+    from medchain.data import data_provenance, load_dataset, save_npz
+
+    p = data_provenance(ds)
+    assert p["kind"] == "simulated" and p["sha256_of"] == "generator parameters"
+    assert p["generator"] == "medchain.data.simulate.simulate_ct"
+    assert p["params"]["n"] == N and p["params"]["seed"] == 0 and p["params"]["sites"] == 5
+    assert p["n_total"] == N and p["n_sites"] == 5 and p["n_classes"] == 3
+    assert p["image_shape"] == [28, 28] and json.loads(json.dumps(p)) == p
+    assert data_provenance(ds_seed1)["sha256"] != p["sha256"]
+    # a saved copy: a file hash now, the same content hash
+    copy = data_provenance(load_dataset(save_npz(ds, tmp_path / "sim.npz")))
+    assert copy["kind"] == "npz" and copy["content_sha256"] == p["content_sha256"]

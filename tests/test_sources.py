@@ -1,17 +1,15 @@
 """Tests for medchain.data.sources (load_dataset, save_npz, describe) and `medchain data`.
 
-The network is never used: an autouse fixture replaces urllib's urlopen.
+The network is never used: an autouse fixture replaces pooch's downloader by an offline one (and
+makes requests refuse any connection), and points ~ at an empty temporary home.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import shutil
 import sys
 import types
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 
@@ -32,17 +30,67 @@ needs_breast = pytest.mark.skipif(
     reason=f"real BreastMNIST not found at {BREAST} (only in the development workspace)")
 
 
+REAL_DOWNLOADER = sources._pooch_downloader
+
+
+def offline_error():
+    import requests
+
+    return requests.exceptions.ConnectionError(
+        "[Errno -2] Name or service not known (tests run offline)")
+
+
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every test runs offline; `calls` records attempted URLs."""
+def no_network(monkeypatch, tmp_path):
+    """Every test runs offline; `calls` records the URLs pooch tried. ~ is an empty folder, so a
+    real ~/.medmnist never leaks in; no retries (their 1 s waits) unless a test asks."""
+    import requests
+
     calls: list[str] = []
 
-    def offline(url, *a, **k):
+    def offline(url, output_file, pooch, check_only=False):
         calls.append(url)
-        raise urllib.error.URLError("[Errno -2] Name or service not known (tests run offline)")
+        raise offline_error()
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    def refuse(*a, **k):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(sources, "_pooch_downloader", lambda: offline)
+    monkeypatch.setattr(requests.Session, "request", refuse)
+    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 0)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return calls
+
+
+def serve(monkeypatch, *payloads: bytes | BaseException) -> list[str]:
+    """Replace the network by a local downloader answering each call with the next payload
+    (bytes written to pooch's temporary file, or an exception raised); returns the URLs asked."""
+    calls: list[str] = []
+
+    def downloader(url, output_file, pooch, check_only=False):
+        answer = payloads[min(len(calls), len(payloads) - 1)]
+        calls.append(url)
+        if isinstance(answer, BaseException):
+            Path(output_file).write_bytes(b"partial")
+            raise answer
+        Path(output_file).write_bytes(answer)
+
+    monkeypatch.setattr(sources, "_pooch_downloader", lambda: downloader)
+    return calls
+
+
+def fake_breast_bytes(tmp_path: Path) -> bytes:
+    """A valid file in BreastMNIST's layout (28×28 grey, 2 classes) made here, so that the
+    download tests run without the real data."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s, m in (("train", 12), ("val", 4), ("test", 6)):
+        arrays[f"{s}_images"] = rng.integers(0, 256, (m, 28, 28), dtype=np.uint8)
+        arrays[f"{s}_labels"] = (np.arange(m) % 2).astype(np.uint8).reshape(m, 1)
+    path = tmp_path / "fake_breast.npz"
+    np.savez_compressed(path, **arrays)
+    return path.read_bytes()
 
 
 @pytest.fixture
@@ -149,39 +197,83 @@ def test_no_download_raises_file_not_found(cache, no_network):
     assert no_network == []
 
 
-@needs_breast
-def test_download_verifies_md5_and_renames_atomically(cache, monkeypatch, no_network):
-    data = BREAST.read_bytes()
+def test_download_goes_through_pooch_with_md5_progress_and_no_partial_file(cache, monkeypatch,
+                                                                             tmp_path):
+    data = fake_breast_bytes(tmp_path)
     monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
                         hashlib.md5(data).hexdigest())
-    got = []
-    monkeypatch.setattr(urllib.request, "urlopen",
-                        lambda url, timeout=None: got.append((url, timeout)) or io.BytesIO(data))
+    got = serve(monkeypatch, data)
     ds = load_dataset("breastmnist")
-    assert len(ds.test) == 156 and len(got) == 1 and got[0][1] is not None
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 4, 6)
+    assert got == [sources.MEDMNIST_INFO["breastmnist"]["url"]]
     assert [p.name for p in cache.iterdir()] == ["breastmnist.npz"]
     load_dataset("breastmnist")  # second time: from the cache
     assert len(got) == 1
 
 
+def test_real_downloader_has_a_progress_bar_and_a_timeout():
+    pooch = pytest.importorskip("pooch")
+    d = REAL_DOWNLOADER()
+    assert isinstance(d, pooch.HTTPDownloader)
+    assert d.progressbar is True and d.kwargs["timeout"] == sources.DOWNLOAD_TIMEOUT_S
+
+
+def test_download_retries_after_a_network_error(cache, monkeypatch, tmp_path):
+    data = fake_breast_bytes(tmp_path)
+    monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
+                        hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 1)  # pooch waits 1 s before the retry
+    got = serve(monkeypatch, offline_error(), data)
+    assert len(load_dataset("breastmnist").test) == 6
+    assert len(got) == 2
+    assert [p.name for p in cache.iterdir()] == ["breastmnist.npz"]
+
+
 def test_download_with_wrong_md5_is_discarded(cache, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen",
-                        lambda url, timeout=None: io.BytesIO(b"not the data set"))
-    with pytest.raises(RuntimeError, match="has MD5 .* expected 750601b1f35ba3300ea97c75c52ff8f6"):
+    got = serve(monkeypatch, b"not the data set")
+    with pytest.raises(RuntimeError, match="failed its MD5 check after 1 attempt.*expected md5:"
+                                           "750601b1f35ba3300ea97c75c52ff8f6"):
+        load_dataset("breastmnist")
+    assert list(cache.iterdir()) == [] and len(got) == 1
+
+
+def test_download_broken_mid_transfer_leaves_nothing(cache, monkeypatch):
+    import requests
+
+    serve(monkeypatch, requests.exceptions.ChunkedEncodingError("connection reset by peer"))
+    with pytest.raises(ConnectionError, match=r"(?s)connection reset.*breastmnist\.npz"):
         load_dataset("breastmnist")
     assert list(cache.iterdir()) == []
 
 
-def test_download_broken_mid_transfer_leaves_nothing(cache, monkeypatch):
-    class Broken(io.BytesIO):
-        def read(self, *a):
-            if self.tell() > 0:
-                raise ConnectionResetError("connection reset by peer")
-            return super().read(4)
+def test_medmnist_package_cache_is_used_in_place(cache, monkeypatch, tmp_path, no_network):
+    data = fake_breast_bytes(tmp_path)
+    monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
+                        hashlib.md5(data).hexdigest())
+    pkg = Path.home() / ".medmnist"
+    assert sources.medmnist_package_dir() == pkg and str(tmp_path) in str(pkg)
+    pkg.mkdir()
+    (pkg / "breastmnist.npz").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset("breastmnist")
+    assert len(ds.train) == 12 and no_network == [] and list(cache.iterdir()) == []
+    # the data cache comes first when it has the file
+    other = make_ds(n=(5, 2, 3), k=2)
+    other.train.images = np.zeros((5, 28, 28), np.uint8)
+    other.val.images = np.zeros((2, 28, 28), np.uint8)
+    other.test.images = np.zeros((3, 28, 28), np.uint8)
+    save_npz(other, cache / "breastmnist.npz")
+    with pytest.warns(UserWarning, match="MD5 differs"):
+        assert len(load_dataset("breastmnist").train) == 5
 
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Broken(b"x" * 64))
-    with pytest.raises(ConnectionError, match="connection reset"):
-        load_dataset("breastmnist")
+
+def test_offline_message_names_both_places(cache, no_network):
+    with pytest.raises(FileNotFoundError, match=r"(?s)neither in the data cache.*\.medmnist"
+                                                r"/octmnist\.npz.*download=False"):
+        load_dataset("octmnist", download=False)
+    with pytest.raises(ConnectionError, match=r"(?s)offline.*~/.medmnist"):
+        load_dataset("octmnist")
     assert list(cache.iterdir()) == []
 
 
@@ -244,7 +336,8 @@ def test_save_npz_round_trip(tmp_path, rgb, sites):
 def test_save_npz_keeps_n_classes_beyond_max_label(tmp_path):
     ds = make_ds(k=2)
     ds.n_classes, ds.class_names = 4, ["a", "b", "c", "d"]
-    assert load_dataset(save_npz(ds, tmp_path / "x.npz")).n_classes == 4
+    with pytest.warns(UserWarning, match="2 of 4 classes have no images"):
+        assert load_dataset(save_npz(ds, tmp_path / "x.npz")).n_classes == 4
 
 
 def test_npz_accepts_column_labels_and_single_channel_axis(tmp_path):
@@ -442,7 +535,8 @@ def test_class_count_limit_follows_the_available_memory(tmp_path, monkeypatch):
     from medchain.data import limits
 
     path = _npz(tmp_path, n_classes=np.int64(50))
-    assert load_dataset(path).n_classes == 50  # 50 classes: about 0.4 MB, fits anywhere
+    with pytest.warns(UserWarning, match="48 of 50 classes have no images"):
+        assert load_dataset(path).n_classes == 50  # 50 classes: about 0.4 MB, fits anywhere
     need = limits.class_count_bytes(50, 6)
     monkeypatch.setattr(limits, "available_memory", lambda: int(need / limits.MEMORY_FRACTION) - 1)
     with pytest.raises(MemoryError, match="50 classes"):
@@ -500,6 +594,72 @@ def test_cli_simulate_refuses_a_huge_n_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"n=1,000,000,000,000.*PB of memory"):
         _cli(["data", "simulate", "--n", str(10**12), "--out", str(tmp_path / "x.npz"), "--quiet"])
     assert time.perf_counter() - t0 < 5.0 and not (tmp_path / "x.npz").exists()
+
+
+# ----------------------------------------------------------------------------- provenance
+def test_provenance_of_an_npz_file(tmp_path):
+    import json
+
+    from medchain.data import data_provenance
+
+    path = save_npz(make_ds(sites=True), tmp_path / "toy.npz")
+    ds = load_dataset(path)
+    p = data_provenance(ds)
+    assert p["kind"] == "npz" and p["file"] == str(path.resolve()) and p["sha256_of"] == "file"
+    assert p["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert p["md5"] == md5(path) and "official_md5" not in p
+    assert p["n"] == {"train": 20, "val": 6, "test": 8} and p["n_total"] == 34
+    assert p["n_classes"] == 3 and p["image_shape"] == [8, 8] and p["n_channels"] == 1
+    assert p["n_sites"] == 2 and p["class_names"] == ["class 0", "class 1", "class 2"]
+    assert json.loads(json.dumps(p)) == p
+    # the content hash follows the arrays, not the file: an in-memory copy has the same one
+    mem = Dataset("m", ds.train, ds.val, ds.test, 3)
+    q = data_provenance(mem)
+    assert q["kind"] == "in-memory" and q["sha256"] is None and q["file"] is None
+    assert q["content_sha256"] == p["content_sha256"]
+    mem.test.labels = mem.test.labels.copy()
+    mem.test.labels[0] = (mem.test.labels[0] + 1) % 3
+    assert data_provenance(mem)["content_sha256"] != p["content_sha256"]
+
+
+def test_provenance_of_a_download_and_of_the_package_cache(cache, monkeypatch, tmp_path):
+    from medchain.data import data_provenance
+
+    data = fake_breast_bytes(tmp_path)
+    monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
+                        hashlib.md5(data).hexdigest())
+    serve(monkeypatch, data)
+    p = data_provenance(load_dataset("breastmnist"))
+    assert p["kind"] == "medmnist" and p["flag"] == "breastmnist" and p["downloaded"] is True
+    assert p["official_md5"] is True and p["sha256"] == hashlib.sha256(data).hexdigest()
+    assert p["file"] == str((cache / "breastmnist.npz").resolve())
+    assert data_provenance(load_dataset("breastmnist"))["downloaded"] is False
+    (cache / "breastmnist.npz").unlink()
+    pkg = sources.medmnist_package_dir()
+    pkg.mkdir()
+    (pkg / "breastmnist.npz").write_bytes(data)
+    p = data_provenance(load_dataset("breastmnist"))
+    assert p["file"] == str((pkg / "breastmnist.npz").resolve()) and p["downloaded"] is False
+
+
+@needs_breast
+def test_provenance_says_whether_a_medmnist_named_file_is_official():
+    from medchain.data import data_provenance
+
+    p = data_provenance(load_dataset(BREAST))  # the shared copy was re-saved
+    assert p["official_md5"] is (md5(BREAST) == sources.MEDMNIST_INFO["breastmnist"]["md5"])
+
+
+def test_provenance_of_a_folder_follows_its_files(tmp_path):
+    from medchain.data import data_provenance
+
+    _class_folder(tmp_path / "imgs", {"a": 10, "b": 10})
+    p = data_provenance(load_dataset(tmp_path / "imgs", image_size=8))
+    assert p["kind"] == "folder" and p["n_files"] == 20 and p["image_size"] == 8
+    assert p["sha256_of"].startswith("folder")
+    assert data_provenance(load_dataset(tmp_path / "imgs", image_size=8))["sha256"] == p["sha256"]
+    _png(tmp_path / "imgs" / "a" / "img3.png", value=77)
+    assert data_provenance(load_dataset(tmp_path / "imgs", image_size=8))["sha256"] != p["sha256"]
 
 
 # ----------------------------------------------------------------------------- describe

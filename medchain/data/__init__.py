@@ -4,12 +4,14 @@ split of a data set among institutions.
 >>> from medchain.data import load_dataset, partition
 >>> ds = load_dataset("breastmnist")                      # doctest: +SKIP
 >>> institutions = partition(ds, 5, "dirichlet", alpha=0.5, seed=0)   # doctest: +SKIP
+>>> data_provenance(ds)["sha256"]                           # doctest: +SKIP
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .partition import SCHEMES, partition, partition_indices, partition_plan
+from .provenance import content_sha256, data_provenance
 from .sources import (MEDMNIST_FLAGS, MEDMNIST_INFO, default_cache_dir, describe, load_dataset,
                       save_npz)
 from .types import Dataset, ImageSet, InstitutionData
@@ -21,6 +23,8 @@ __all__ = [
     "MEDMNIST_FLAGS",
     "MEDMNIST_INFO",
     "SCHEMES",
+    "content_sha256",
+    "data_provenance",
     "default_cache_dir",
     "describe",
     "load_dataset",

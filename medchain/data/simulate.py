@@ -22,6 +22,8 @@ what lets a transfer task draw unseen sites with ``site_offset``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -627,6 +629,14 @@ def simulate_ct(n: int = 10000, sites: int = 5, seed: int = 0, *, size: int = 28
     for parts in pieces:
         s = ImageSet.concat(parts)
         splits.append(s.subset(shuffle.permutation(len(s))))
+    params = {"n": n, "sites": sites, "seed": seed, "size": size, "site_offset": site_offset,
+              "class_probs": None if probs is None else probs.tolist(),
+              "split": [float(f) for f in fr]}
+    generator = "medchain.data.simulate.simulate_ct"
+    digest = hashlib.sha256(json.dumps({"generator": generator, "params": params},
+                                       sort_keys=True).encode()).hexdigest()
     return Dataset(name="simulated_ct", train=splits[0], val=splits[1], test=splits[2],
                    n_classes=len(CLASS_NAMES), class_names=list(CLASS_NAMES),
-                   source=f"simulated:n={n},sites={sites},seed={seed},site_offset={site_offset},size={size}")
+                   source=f"simulated:n={n},sites={sites},seed={seed},site_offset={site_offset},size={size}",
+                   origin={"kind": "simulated", "generator": generator, "params": params,
+                           "sha256": digest})

@@ -7,8 +7,10 @@ Sources (the ``source`` string):
     ``k=v`` options are passed to it (numbers as numbers; tuples as ``split=0.7/0.1/0.2``;
     ``class_probs=0.4/0.3/0.3`` is one label mix used at every site).
 ``"pneumoniamnist"`` / ``"medmnist:pneumoniamnist"``
-    a MedMNIST v2/v3 2D set at 28×28 (:data:`MEDMNIST_FLAGS`), downloaded once from its official
-    Zenodo record, MD5-verified, and kept in the data cache (:func:`default_cache_dir`).
+    a MedMNIST v2/v3 2D set at 28×28 (:data:`MEDMNIST_FLAGS`): read from the data cache
+    (:func:`default_cache_dir`), else from the medmnist package's own cache (``~/.medmnist``),
+    else downloaded once (with ``pooch``: MD5-verified, progress bar, retries) from its official
+    Zenodo record into the data cache.
 a path to a ``.npz`` file
     the MedMNIST layout: ``train_images, train_labels, val_images, val_labels, test_images,
     test_labels`` and optional ``train_site, val_site, test_site`` (written by :func:`save_npz`).
@@ -22,14 +24,10 @@ the file and says how to fix it.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import inspect
 import os
 import re
 import secrets
-import sys
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -59,6 +57,10 @@ ENV_CACHE = "MEDCHAIN_DATA"
 
 #: Seconds to wait for the network before giving up on a download.
 DOWNLOAD_TIMEOUT_S = 15.0
+
+#: Further download attempts after a failed one (network error or MD5 mismatch; pooch waits
+#: 1 s, 2 s, ... between them).
+DOWNLOAD_RETRIES = 2
 
 # --------------------------------------------------------------------------------------------
 # MedMNIST 2D sets at 28×28, copied from medmnist 3.0.2 (medmnist/info.py: INFO[flag]:
@@ -293,6 +295,13 @@ def medmnist_path(flag: str, cache_dir: str | os.PathLike | None = None) -> Path
     return base / f"{flag}.npz"
 
 
+def medmnist_package_dir() -> Path:
+    """The medmnist package's own cache, ``~/.medmnist`` (medmnist 3.0.2: ``DEFAULT_ROOT`` in
+    ``medmnist/info.py``; the package reads no environment variable). Its ``<flag>.npz`` files
+    (28×28) are used in place when the data cache lacks the file."""
+    return Path.home() / ".medmnist"
+
+
 def _medmnist_info(flag: str) -> dict[str, Any]:
     if flag in _MEDMNIST_3D:
         raise ValueError(f"MedMNIST set {flag!r} is 3D; medchain handles the 2D sets only: "
@@ -309,12 +318,15 @@ def _medmnist_info(flag: str) -> dict[str, Any]:
     return info
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
+def _digests(path: Path) -> tuple[str, str]:
+    """(MD5, SHA-256) of a file, in one read."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            md5.update(chunk)
+            sha.update(chunk)
+    return md5.hexdigest(), sha.hexdigest()
 
 
 def _manual_fetch_help(flag: str, dest: Path) -> str:
@@ -322,8 +334,9 @@ def _manual_fetch_help(flag: str, dest: Path) -> str:
     return (f"To use it without network access, download it on a machine that has internet "
             f"access:\n    URL:  {info['url']}\n    file: {info['file']}  (MD5 {info['md5']})\n"
             f"and put it in the folder {dest.parent} (the data cache; set the environment variable "
-            f"{ENV_CACHE} or pass cache_dir to use another folder). medchain then uses the file "
-            "without the network.")
+            f"{ENV_CACHE} or pass cache_dir to use another folder) or in the medmnist package's "
+            f"folder {medmnist_package_dir()} (~/.medmnist). medchain then uses the file without "
+            "the network.")
 
 
 def _temp_name(dest: Path, suffix: str) -> Path:
@@ -332,50 +345,44 @@ def _temp_name(dest: Path, suffix: str) -> Path:
     return dest.with_name(f".{dest.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
 
 
+def _pooch_downloader():
+    """The downloader pooch uses: HTTP(S) with a progress bar on stderr and a timeout."""
+    import pooch
+
+    return pooch.HTTPDownloader(progressbar=True, timeout=DOWNLOAD_TIMEOUT_S)
+
+
 def _download(flag: str, dest: Path) -> None:
-    """Fetch ``flag``'s file to ``dest``: temp name, MD5 check, atomic rename; nothing partial
-    is ever left in the cache."""
+    """Fetch ``flag``'s file to ``dest`` with pooch: temporary name, MD5 check, atomic rename,
+    :data:`DOWNLOAD_RETRIES` retries; nothing partial is ever left in the cache."""
     info = MEDMNIST_INFO[flag]
     url = info["url"]
-
-    def offline(exc: BaseException) -> ConnectionError:
-        reason = getattr(exc, "reason", None) or exc
-        return ConnectionError(
-            f"could not download MedMNIST {flag!r} ({info['file']}) from {url}: {reason}. "
-            "Is this machine offline?\n" + _manual_fetch_help(flag, dest))
-
+    try:
+        import pooch
+        import requests
+    except ImportError as exc:
+        raise RuntimeError(f"MedMNIST {flag!r} is not cached and downloading it needs the pooch "
+                           f"package ({exc}); install it with `pip install 'pooch>=1.8'`.\n"
+                           + _manual_fetch_help(flag, dest)) from exc
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeError(f"cannot create the data cache folder {dest.parent}: {exc}. Set "
                            f"{ENV_CACHE} to a writable folder.") from exc
-    print(f"medchain: downloading {info['python_class']} ({info['file']}) from {url} "
-          f"to {dest.parent} ...", file=sys.stderr)
+    fetcher = pooch.create(path=dest.parent, base_url="", registry={dest.name: f"md5:{info['md5']}"},
+                           urls={dest.name: url}, retry_if_failed=DOWNLOAD_RETRIES)
+    attempts = f"{DOWNLOAD_RETRIES + 1} attempt(s)"
     try:
-        resp = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise offline(exc) from exc
-    tmp = _temp_name(dest, ".part")
-    try:
-        h = hashlib.md5(usedforsecurity=False)
-        with resp, open(tmp, "wb") as out:
-            while True:
-                try:
-                    chunk = resp.read(1 << 20)
-                except (http.client.HTTPException, OSError) as exc:
-                    raise offline(exc) from exc
-                if not chunk:
-                    break
-                out.write(chunk)
-                h.update(chunk)
-        got = h.hexdigest()
-        if got != info["md5"]:
-            raise RuntimeError(f"the download of {url} has MD5 {got}, expected {info['md5']}; the "
-                               "file was discarded. Try again later, or fetch it by hand.\n"
-                               + _manual_fetch_help(flag, dest))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        fetcher.fetch(dest.name, downloader=_pooch_downloader())
+    except ValueError as exc:  # pooch: the hash of the download does not match
+        raise RuntimeError(f"the download of {url} failed its MD5 check after {attempts} ({exc}); "
+                           "the file was discarded. Try again later, or fetch it by hand.\n"
+                           + _manual_fetch_help(flag, dest)) from exc
+    except (requests.exceptions.RequestException, OSError) as exc:
+        raise ConnectionError(
+            f"could not download MedMNIST {flag!r} ({info['file']}) from {url} after {attempts}: "
+            f"{exc}. Is this machine offline (or the server unreachable)?\n"
+            + _manual_fetch_help(flag, dest)) from exc
 
 
 def _load_medmnist(flag: str, *, cache_dir, download: bool, image_size: int) -> Dataset:
@@ -383,15 +390,22 @@ def _load_medmnist(flag: str, *, cache_dir, download: bool, image_size: int) -> 
     if image_size != 28:
         raise ValueError(f"MedMNIST {flag}: medchain loads the 28×28 files only, got "
                          f"image_size={image_size}; use image_size=28")
-    dest = medmnist_path(flag, cache_dir)
+    cached = medmnist_path(flag, cache_dir)
+    package_copy = medmnist_package_dir() / info["file"]
     fresh = False
-    if not dest.is_file():
+    if cached.is_file():
+        dest = cached
+    elif package_copy.is_file():
+        dest = package_copy  # the medmnist package's download, used in place
+    else:
         if not download:
-            raise FileNotFoundError(f"MedMNIST {flag!r} is not in the data cache ({dest}) and "
-                                    "download=False.\n" + _manual_fetch_help(flag, dest))
-        _download(flag, dest)
-        fresh = True
-    md5_ok = fresh or _md5(dest) == info["md5"]
+            raise FileNotFoundError(f"MedMNIST {flag!r} is neither in the data cache ({cached}) "
+                                    f"nor in {package_copy}, and download=False.\n"
+                                    + _manual_fetch_help(flag, cached))
+        _download(flag, cached)
+        dest, fresh = cached, True
+    md5, sha256 = _digests(dest)
+    md5_ok = md5 == info["md5"]
     try:
         arrays = _read_npz(dest)
         ds = _dataset_from_arrays(arrays, where=str(dest), name=flag, source=f"medmnist:{flag}",
@@ -413,6 +427,9 @@ def _load_medmnist(flag: str, *, cache_dir, download: bool, image_size: int) -> 
     if ds.n_channels != info["n_channels"]:
         raise ValueError(f"{dest}: {flag} should have {info['n_channels']} channel(s), the file "
                          f"has {ds.n_channels}. Delete it to re-download the official file.")
+    ds.origin = {"kind": "medmnist", "flag": flag, "file": str(dest.resolve()), "sha256": sha256,
+                 "md5": md5, "official_md5": bool(md5_ok), "downloaded": fresh,
+                 "url": info["url"]}
     return ds
 
 
@@ -465,8 +482,13 @@ def _load_npz_file(path: Path) -> Dataset:
     # when the file carries none and its labels fit.
     official = MEDMNIST_INFO.get(path.stem.lower()) if path.stem.lower() in MEDMNIST_FLAGS \
         else None
-    return _dataset_from_arrays(arrays, where=str(path), name=name, source=str(path.resolve()),
-                                official=official, strict=False)
+    ds = _dataset_from_arrays(arrays, where=str(path), name=name, source=str(path.resolve()),
+                              official=official, strict=False)
+    md5, sha256 = _digests(path)
+    ds.origin = {"kind": "npz", "file": str(path.resolve()), "sha256": sha256, "md5": md5}
+    if official is not None:  # named like a MedMNIST set: say whether it is the official file
+        ds.origin["official_md5"] = md5 == official["md5"]
+    return ds
 
 
 def _integers(a: np.ndarray, where: str, what: str) -> np.ndarray:
@@ -658,7 +680,9 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
     if dataset.class_names:
         arrays["class_names"] = np.asarray([str(c) for c in dataset.class_names], dtype=str)
     arrays["name"] = np.asarray(str(dataset.name), dtype=str)
-    _dataset_from_arrays(arrays, where=f"save_npz({path})", name=dataset.name, source="")
+    with warnings.catch_warnings():  # classes with no images: warned about when it is loaded
+        warnings.simplefilter("ignore", UserWarning)
+        _dataset_from_arrays(arrays, where=f"save_npz({path})", name=dataset.name, source="")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, ".npz")
     try:
@@ -774,9 +798,14 @@ def _load_folder(folder: Path, size: int) -> Dataset:
     labels: list[int] = []
     split_of: list[str] = []
     grey: list[bool] = []
+    listing = hashlib.sha256()  # every file's path (relative to the folder) and content
+    n_files = 0
     for split, classes in per_split.items():
         for cname in sorted(classes, key=_natural_key):
             for f in _image_files(classes[cname]):
+                listing.update(f.relative_to(folder).as_posix().encode() + b"\0")
+                listing.update(_digests(f)[1].encode() + b"\n")
+                n_files += 1
                 arr, g = _read_image(f, size)
                 images.append(arr)
                 labels.append(label_of[cname])
@@ -803,7 +832,10 @@ def _load_folder(folder: Path, size: int) -> Dataset:
             raise ValueError(f"{folder}: {how}")
     _check_class_coverage(sets, len(names), list(names), str(folder))
     return Dataset(name=folder.name, train=sets["train"], val=sets["val"], test=sets["test"],
-                   n_classes=len(names), class_names=list(names), source=str(folder.resolve()))
+                   n_classes=len(names), class_names=list(names), source=str(folder.resolve()),
+                   origin={"kind": "folder", "file": str(folder.resolve()),
+                           "sha256": listing.hexdigest(), "n_files": n_files,
+                           "image_size": size})
 
 
 # ============================================================================================

@@ -55,6 +55,10 @@ class Dataset:
     n_classes: int
     class_names: list[str] = field(default_factory=list)
     source: str = ""          # where it came from: "simulated:seed=0", a path, "medmnist:breastmnist"
+    #: how the loader obtained it (kind, file, sha256, generator parameters ...), set by
+    #: :func:`medchain.data.load_dataset` and :func:`medchain.data.simulate_ct`; read it with
+    #: :func:`medchain.data.data_provenance`. Empty for a data set built in memory.
+    origin: dict = field(default_factory=dict)
 
     @property
     def n_channels(self) -> int:
