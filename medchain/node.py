@@ -338,9 +338,10 @@ class InstitutionNode:
                     raise NodeError(
                         f"the RPC endpoint {label} has been unreachable for {down:.0f} s (limit "
                         f"rpc_timeout={self.rpc_timeout:.0f} s); last error: {str(exc).rstrip('.')}. "
-                        "Nothing was lost: "
-                        "every completed step is on the chain — restart this node when the endpoint "
-                        "is back and it resumes from the chain") from None
+                        "This node keeps no state of its own: restart it when the endpoint is back and "
+                        "it resumes from the chain, from whatever the chain node itself kept (a "
+                        "development node killed without a clean stop keeps only its last state dump)"
+                        ) from None
                 delay = min(8.0, 0.5 * 2 ** self._outages, max(0.1, self.rpc_timeout - down))
                 self._outages += 1
                 log.warning("RPC endpoint %s unreachable (%s); retrying in %.1f s (down for %.0f s, giving "
@@ -421,6 +422,11 @@ class InstitutionNode:
                 return False
             self._started = True
         cur = ledger.current_round()
+        if cur < r:      # the chain is behind what this node replayed: it was restored from an older state
+            raise NodeError(
+                f"the chain lost blocks: ledger {ledger.address} is at round {cur} but this node already "
+                f"replayed {r} round(s) from it (the chain node was restarted from an older state dump). "
+                "Restart this node: it rebuilds the global model from what the chain holds now")
         if r < cur:                                          # round r closed: replay it
             digest = inst.apply_round(r)
             self._pending_attest = (r, digest)
@@ -448,6 +454,11 @@ class InstitutionNode:
                 if self._reverted > 5:
                     raise
                 log.warning("round %d: my update was mined but reverted (%s); submitting it again", r, exc)
+            return False
+        if not ledger.has_submitted(r, self.me):             # the chain lost my update (older state)
+            log.warning("round %d: my update is no longer on the chain (the chain node was restored from "
+                        "an older state?); submitting it again", r)
+            self._submitted.discard(r)
             return False
         self._maybe_close(r)                                 # submitted: wait for the round to close
         self._wait(f"round {r} to close")
@@ -691,6 +702,7 @@ class Deployment:
         self.byzantine = check_byzantine(byzantine or {}, self.n)
         self.threads, self.poll_interval, self.rpc_timeout = threads, poll_interval, rpc_timeout
         self.state_file = self.workdir / "chain-state.json" if persist_chain else None
+        self.state_interval = 1          # anvil dumps its state every second: a SIGKILL loses <= ~1 s
         self.node_args = dict(node_args or {})
         self.chain = None
         self.port: int | None = None
@@ -705,7 +717,7 @@ class Deployment:
         from medchain.chain.anvil import AnvilNode
         extra = ["--mixed-mining"] if self.block_time else []
         return AnvilNode(self.chain_id, port=port, state_file=self.state_file, block_time=self.block_time,
-                         extra_args=extra)
+                         extra_args=extra, state_interval=self.state_interval if self.state_file else None)
 
     def start_chain(self) -> "Deployment":
         self.chain = self._anvil(None).start()
@@ -722,6 +734,11 @@ class Deployment:
         """Stop the node (SIGINT: anvil writes its --state file)."""
         if self.chain is not None:
             self.chain.stop()
+
+    def kill_chain(self) -> None:
+        """SIGKILL the node (a crash: no final state dump; what survives is its last periodic dump)."""
+        if self.chain is not None:
+            self.chain.kill()
 
     def restart_chain(self) -> None:
         """Start the node again on the same port from its state file."""

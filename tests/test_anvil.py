@@ -213,3 +213,108 @@ def test_missing_binary_message(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(AnvilNotFound, match="npm install"):
         find_anvil()
+
+
+# ------------------------------------------------------------------------------ weak spots (issue 20)
+@pytest.mark.anvil
+@needs_anvil
+def test_a_1mb_inline_payload_is_payload_too_large_not_out_of_gas():
+    import os
+
+    from medchain.chain import PayloadTooLarge
+    with AnvilNode(7161) as node:
+        admin, m = [Account.from_key(k) for k in node.dev_keys[:2]]
+        w3 = connect(node.url)
+        ledger = deploy_ledger(w3, admin, "cnn", INIT, 1, {}, members=[m.address], start=True)
+        nonce = w3.eth.get_transaction_count(m.address)
+        payload = os.urandom(1_000_000)      # its calldata floor alone (~40 M gas) exceeds a block
+        with pytest.raises(PayloadTooLarge, match="blob store") as info:
+            ledger.as_account(m).submit_update(0, hashlib.sha256(payload).digest(), 1, 1, payload)
+        assert "out of gas" not in str(info.value).lower() and "calldata is 1,000," in str(info.value)
+        assert w3.eth.get_transaction_count(m.address) == nonce and ledger.submitted_count(0) == 0
+
+
+def _serve(body: bytes, content_type: str):
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (b"<html><body>It works!</body></html>", "text/html"),
+    (b'{"status": "ok"}', "application/json"),
+    (b'{"jsonrpc": "2.0", "id": 0, "result": "not a number"}', "application/json"),
+], ids=["html", "json", "bad-result"])
+def test_a_url_that_is_not_an_ethereum_node_is_one_clear_error(body, content_type, capsys):
+    server = _serve(body, content_type)
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        with pytest.raises(ConnectionError, match="not as an Ethereum JSON-RPC node"):
+            connect(url, attempts=1)
+        from medchain.cli import main
+        assert main(["ledger", "show", url, "0x" + "11" * 20]) == 2
+        err = capsys.readouterr().err
+        assert "not as an Ethereum JSON-RPC node" in err and "Traceback" not in err
+        assert err.count("\n") == 1                                   # one line
+        assert _cli(["chain", "status", url]) == 1
+        assert "reachable: no" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_chain_up_on_a_busy_port_is_an_error_not_success(capsys):
+    from medchain.cli import main
+    with AnvilNode(7171) as node:                     # another node holds the port
+        with pytest.raises(RuntimeError, match=f"port {node.port} .* already in use"):
+            AnvilNode(7171, port=node.port).start()
+        assert main(["chain", "up", "--port", str(node.port)]) == 2
+        out = capsys.readouterr()
+        assert "already in use" in out.err and "Ctrl-C" not in out.out and "http://" not in out.out
+        assert connect(node.url).eth.chain_id == 7171          # the other node is untouched
+    with pytest.raises(SystemExit):
+        main(["chain", "up", "--port", "70000"])
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_state_interval_keeps_the_chain_through_a_sigkill(tmp_path):
+    """Killed without a clean stop, a node with --state-interval restarts from its last dump
+    (at most one interval old); without it, nothing since the last clean stop survives."""
+    import time
+    kept = tmp_path / "kept.json"
+    with AnvilNode(7181, state_file=kept, state_interval=1) as node:
+        ledger, sent = _run_one_round(node.url, node.dev_keys)
+        block = ledger.w3.eth.block_number
+        time.sleep(2.5)                               # at least one dump after the last block
+        node.kill()
+    with AnvilNode(7181, state_file=kept) as node:
+        w3 = connect(node.url)
+        assert w3.eth.block_number == block
+        assert [(u.sender, u.digest) for u in LedgerClient(w3, ledger.address).updates(0)] == \
+            [(s, d) for s, d, _ in sent]
+    lost = tmp_path / "lost.json"
+    with AnvilNode(7182, state_file=lost) as node:
+        _run_one_round(node.url, node.dev_keys)
+        node.kill()
+    assert not lost.exists()                          # no clean stop, no interval: nothing written
+    with pytest.raises(ValueError, match="state_file"):
+        AnvilNode(7183, state_interval=1)
+    with pytest.raises(ValueError, match="whole number"):
+        AnvilNode(7183, state_file=kept, state_interval=0.5)

@@ -75,6 +75,16 @@ def find_anvil() -> Path:
         "the optional package @foundry-rs/anvil-linux-amd64), or set MEDCHAIN_ANVIL to an anvil binary.")
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on (host, port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -110,6 +120,9 @@ class AnvilNode:
 
     ``state_file``: load the chain from this JSON file if it exists and write it back when the
     node stops (anvil ``--state``), so a stopped and restarted node keeps its blocks and contracts.
+    ``state_interval``: also write it every that many whole seconds (anvil ``--state-interval``), so a
+    node killed without a clean stop (SIGKILL, power loss) loses at most that many seconds of blocks;
+    without it, such a node loses everything since its last clean stop.
     Use as a context manager, or call :meth:`start` / :meth:`stop`; the process is also stopped on
     garbage collection and at interpreter exit.
     """
@@ -117,13 +130,19 @@ class AnvilNode:
     def __init__(self, chain_id: int = 31337, port: int | None = None,
                  state_file: str | os.PathLike | None = None, *, host: str = "127.0.0.1",
                  block_time: float | None = None, extra_args: list[str] | None = None,
-                 startup_timeout: float = 15.0):
+                 startup_timeout: float = 15.0, state_interval: int | None = None):
         self.chain_id = int(chain_id)
         self.requested_port = port
         self.port: int | None = None
         self.host = host
         self.state_file = Path(state_file) if state_file is not None else None
         self.block_time = block_time
+        if state_interval is not None and (int(state_interval) != state_interval or state_interval < 1):
+            raise ValueError(f"state_interval must be a whole number of seconds >= 1 (anvil's "
+                             f"--state-interval), got {state_interval}")
+        if state_interval is not None and state_file is None:
+            raise ValueError("state_interval needs a state_file to write to")
+        self.state_interval = state_interval
         self.extra_args = list(extra_args or [])
         self.startup_timeout = startup_timeout
         self.dev_keys: tuple[str, ...] = ANVIL_DEV_KEYS
@@ -155,6 +174,9 @@ class AnvilNode:
         if self.running:
             return self
         binary = find_anvil()
+        if self.requested_port and _port_in_use(self.host, self.requested_port):
+            raise RuntimeError(f"port {self.requested_port} on {self.host} is already in use (another node or "
+                               "service?); choose another --port, or omit it for free ports")
         attempts = 1 if self.requested_port else 3
         last_err = ""
         for _ in range(attempts):
@@ -164,6 +186,8 @@ class AnvilNode:
             if self.state_file is not None:
                 self.state_file.parent.mkdir(parents=True, exist_ok=True)
                 cmd += ["--state", str(self.state_file)]
+                if self.state_interval:
+                    cmd += ["--state-interval", str(int(self.state_interval))]
             if self.block_time:
                 cmd += ["--block-time", str(self.block_time)]
             cmd += self.extra_args
@@ -184,6 +208,8 @@ class AnvilNode:
                 except (OSError, urllib.error.URLError, ValueError, RuntimeError):
                     time.sleep(0.05)
                     continue
+                if proc.poll() is not None:    # the answer came from someone else on that port
+                    continue
                 if cid != self.chain_id:
                     _terminate(proc)
                     raise RuntimeError(f"anvil on port {port} reports chain id {cid}, expected "
@@ -197,6 +223,13 @@ class AnvilNode:
                 err_file.close()
                 last_err = f"no answer on {url} within {self.startup_timeout:.0f} s"
         raise RuntimeError(f"anvil (chain id {self.chain_id}) failed to start: {last_err or 'unknown error'}")
+
+    def kill(self) -> None:
+        """SIGKILL the node (a crash: no final state dump; tests and drills only)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self.stop()
 
     def stop(self) -> None:
         """Stop the node (writing its state file, if any)."""

@@ -258,8 +258,22 @@ def connect(url: str | None = None, *, timeout: float = 30.0, attempts: int = 3)
     w3 = _configure(Web3(provider))
     w3._medchain_label = label  # type: ignore[attr-defined]
     # Errors on a fresh connection are usually "node not running": fail fast with a clear message.
-    with_retries(lambda: w3.eth.chain_id, what="connect", label=label, attempts=attempts, backoff=0.2)
+    try:
+        cid = with_retries(lambda: w3.eth.chain_id, what="connect", label=label, attempts=attempts, backoff=0.2)
+    except ConnectionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an answer, but not a JSON-RPC one (web3 decoding errors)
+        raise ConnectionError(_not_a_node(label, exc)) from None
+    if not isinstance(cid, int) or cid <= 0:
+        raise ConnectionError(_not_a_node(label, f"eth_chainId answered {str(cid)[:40]!r}"))
     return w3
+
+
+def _not_a_node(label: str, why: BaseException | str) -> str:
+    reason = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0][:120] if str(why) else ''}"
+    return (f"connect: {label} answered, but not as an Ethereum JSON-RPC node ({reason}); check the URL "
+            "and port — another service may be listening there (for a local test node run "
+            "`medchain chain up`)")
 
 
 def chain_identity(w3: Web3, address: str) -> str:

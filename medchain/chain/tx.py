@@ -118,6 +118,17 @@ def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
     if to:
         base["to"] = to
     chain_id = _chain_id(w3, label)
+    block = with_retries(lambda: w3.eth.get_block("latest"), what="eth_getBlockByNumber", label=label)
+    gas_limit = int(block["gasLimit"])
+
+    def too_large(needed: int, how: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the transaction to {contract} needs {how} {needed:,} gas but a block of {label} holds "
+            f"{gas_limit:,}; its calldata is {len(data):,} bytes. Put large payloads in the blob "
+            "store (only the digest on chain) or lower the inline payload limit.")
+    floor = calldata_floor_gas(data)
+    if floor > gas_limit:          # no need to ask the node: the calldata alone does not fit a block
+        raise too_large(floor, "at least")
 
     if gas is None:
         try:
@@ -125,19 +136,19 @@ def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
         except Exception as exc:  # noqa: BLE001
             _raise_revert(exc, decoder, contract)
             _raise_funds(exc, account.address, label)
+            text = str(exc).lower()
+            # nodes cap an estimate at the block gas limit and answer "out of gas" / "gas required
+            # exceeds allowance" when even that is not enough
+            if "out of gas" in text or "exceeds allowance" in text or "exceeds block gas limit" in text:
+                raise too_large(gas_limit, "more than") from None
             raise
-        gas = max(math.ceil(estimate * gas_margin), calldata_floor_gas(data)) + gas_headroom
+        gas = max(math.ceil(estimate * gas_margin), floor) + gas_headroom
     else:
         estimate = gas
-    block = with_retries(lambda: w3.eth.get_block("latest"), what="eth_getBlockByNumber", label=label)
-    gas_limit = int(block["gasLimit"])
     if gas > gas_limit:
-        needed = max(estimate, calldata_floor_gas(data))
+        needed = max(estimate, floor)
         if needed > gas_limit:
-            raise PayloadTooLarge(
-                f"the transaction to {contract} needs about {needed:,} gas but a block of {label} holds "
-                f"{gas_limit:,}; its calldata is {len(data):,} bytes. Put large payloads in the blob "
-                "store (only the digest on chain) or lower the inline payload limit.")
+            raise too_large(needed, "about")
         gas = gas_limit
 
     nonce = with_retries(lambda: w3.eth.get_transaction_count(account.address, "pending"),

@@ -7,19 +7,40 @@ import sys
 import time
 
 
+def _checked(kind, ok, what: str):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_count = _checked(int, lambda v: v >= 1, ">= 1")
+_port = _checked(int, lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]")
+
+
 def register(subparsers) -> None:
     chain = subparsers.add_parser("chain", help="start local chains (anvil) and inspect nodes",
                                   description="Start local anvil chains and inspect Ethereum JSON-RPC nodes.")
     csub = chain.add_subparsers(dest="chain_command", required=True)
 
     up = csub.add_parser("up", help="start N local anvil nodes (one chain each) until Ctrl-C")
-    up.add_argument("--chains", type=int, default=1, metavar="N", help="number of chains (default 1)")
-    up.add_argument("--base-chain-id", type=int, default=31337,
+    up.add_argument("--chains", type=_count, default=1, metavar="N", help="number of chains (default 1)")
+    up.add_argument("--base-chain-id", type=_count, default=31337,
                     help="chain id of the first chain; the others count up (default 31337)")
     up.add_argument("--state-dir", metavar="D", default=None,
                     help="keep each chain's state in D/chain-<id>.json (loaded on start, written on stop)")
-    up.add_argument("--port", type=int, default=None,
+    up.add_argument("--port", type=_port, default=None,
                     help="port of the first node; the others count up (default: free ports)")
+    up.add_argument("--state-interval", type=_count, default=5, metavar="S",
+                    help="with --state-dir, also write each chain's state every S seconds (default 5), so "
+                         "a node killed without a clean stop loses at most S seconds of blocks")
     up.set_defaults(func=_chain_up)
 
     st = csub.add_parser("status", help="chain id, latest block and client version of a node")
@@ -49,9 +70,10 @@ def _chain_up(args: argparse.Namespace) -> int:
                 from pathlib import Path
                 state = Path(args.state_dir) / f"chain-{cid}.json"
             port = args.port + i if args.port else None
-            nodes.append(AnvilNode(cid, port=port, state_file=state).start())
+            nodes.append(AnvilNode(cid, port=port, state_file=state,
+                                   state_interval=args.state_interval if state else None).start())
         for n in nodes:
-            extra = f"  state {n.state_file}" if n.state_file else ""
+            extra = f"  state {n.state_file} (every {n.state_interval:g} s and on stop)" if n.state_file else ""
             print(f"chain {n.chain_id}  {n.url}  {n.ws_url}{extra}", flush=True)
         print("development keys (public, for test chains only): anvil's default mnemonic "
               "'test test test test test test test test test test test junk'", flush=True)
@@ -64,7 +86,9 @@ def _chain_up(args: argparse.Namespace) -> int:
         while not stop["flag"]:
             for n in nodes:
                 if not n.running:
-                    raise RuntimeError(f"anvil node for chain {n.chain_id} exited unexpectedly")
+                    kept = (f"; {n.state_file} holds its state as of its last dump (written every "
+                            f"{n.state_interval:g} s)" if n.state_file else "; it kept no state (no --state-dir)")
+                    raise RuntimeError(f"anvil node for chain {n.chain_id} exited unexpectedly{kept}")
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
