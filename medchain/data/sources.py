@@ -46,6 +46,7 @@ __all__ = [
     "default_cache_dir",
     "describe",
     "load_dataset",
+    "medmnist_package_dir",
     "medmnist_path",
     "save_npz",
 ]
@@ -165,10 +166,11 @@ def load_dataset(source: str | os.PathLike, *, cache_dir: str | os.PathLike | No
         unless a file or folder of that name exists.
     cache_dir:
         Folder for MedMNIST downloads; default :func:`default_cache_dir` (``$MEDCHAIN_DATA``,
-        else ``<repo>/data``).
+        else ``<repo>/data``). A file missing there is then looked for in the medmnist
+        package's ``~/.medmnist`` (:func:`medmnist_package_dir`) before any download.
     download:
-        If False, a MedMNIST file missing from the cache raises FileNotFoundError instead of
-        being downloaded.
+        If False, a MedMNIST file found in neither folder raises FileNotFoundError instead of
+        being downloaded (with pooch: MD5, progress bar, :data:`DOWNLOAD_RETRIES` retries).
     image_size:
         Side length in pixels. Image folders are resized to ``image_size × image_size``; the
         simulated set is generated at that size (unless ``size=`` is given in the source);
