@@ -7,7 +7,8 @@ Methods
 ``finetune_all`` / ``finetune_head``
     Local fine-tuning of the final global model on the institution's own train split (all layers,
     or only the classifier head with the feature extractor frozen — its BatchNorm statistics
-    included), selecting the epoch on the institution's validation split (:func:`finetune`).
+    included), selecting the epoch on the institution's validation split by the metric it is
+    judged on (:func:`finetune`; one model per metric).
     Nothing is communicated.
 ``fedper``
     FedPer (Arivazhagan et al., 2019): the classifier head (``head.*``) stays local *during*
@@ -20,13 +21,25 @@ Methods
 References
 ----------
 ``majority`` (the institution's training majority class), ``local_only`` (the institution alone),
-``global`` (the collaborative model as is) and ``global_prior``: the global model with
-*label-prior correction* (logit adjustment, Menon et al. 2021) — add
-``log p_local(y) − log p_global(y)`` to the logits, where ``p_local`` are the institution's training
-label frequencies and ``p_global`` those of all institutions' training data pooled. No training;
-the correction needs the institution's own label counts and the K pooled class counts (K numbers
-per institution, no images). Under label skew most of a personalization gain can be this
-label-mix adaptation alone, so personalization is judged against ``global_prior``.
+``global`` (the collaborative model as is) and two no-training *label-prior corrections* of the
+global model (logit adjustment, Menon et al. 2021), one per metric:
+
+``global_prior``
+    add ``log p_local(y) − log p_train(y)`` to the logits, where ``p_local`` are the institution's
+    training label frequencies and ``p_train`` those of all institutions' training data pooled
+    (what the global model learnt). The Bayes rule for the institution's own label mix: it
+    maximizes plain **ACC**, and can lower balanced ACC.
+``global_uniform``
+    subtract ``log p_train(y)`` (the target prior is uniform): the Bayes rule for **balanced ACC**
+    (the mean per-class recall), which weighs every class equally whatever the local mix.
+
+Both need no images, only K class counts per institution. Under label skew most of a
+personalization gain can be this label-mix adaptation alone, so each metric is judged against its
+matching correction (:data:`MATCHING_REFERENCE`), and each personalization method is selected on
+the validation metric it is judged on.
+
+Balanced ACC of a test split holding one class is the accuracy on that class (a majority vote
+scores 1.0); :func:`split_metrics` reports NaN there and records ``classes_in_test``.
 
 "Stays local" is checked on the chain itself: :func:`audit_local_only` decodes every payload of
 every round from the ledger and the blob store and proves that no local-only coordinate was
@@ -43,6 +56,7 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from medchain import codec
 from medchain.blobstore import fetch_payload
@@ -50,13 +64,14 @@ from medchain.data.types import ImageSet, InstitutionData
 from medchain.metrics import classification_metrics
 from medchain.models import build_model
 from medchain.params import Layout, mask_for_module_types, model_vector, select_names
-from medchain.training import FitResult, TrainConfig, evaluate, fit, to_tensor
+from medchain.training import FitResult, TrainConfig, cosine_lr, evaluate, to_tensor, train_epochs
 
 __all__ = [
     "METHODS", "REFERENCES", "HEAD_PATTERNS",
+    "MATCHING_REFERENCE", "SELECT_METRICS",
     "label_frequencies", "prior_shift", "adjust_logits", "LogitAdjusted", "prior_corrected",
-    "majority_metrics",
-    "FinetuneConfig", "FinetuneResult", "finetune", "add_to_head_bias",
+    "uniform_corrected", "split_metrics", "undefined_balanced", "majority_metrics",
+    "Selection", "fit_selecting", "FinetuneConfig", "FinetuneResult", "finetune", "add_to_head_bias",
     "local_mask_for", "run_local_mask", "personal_models",
     "LocalOnlyAudit", "audit_local_only",
 ]
@@ -64,7 +79,11 @@ __all__ = [
 #: Personalization methods (each gives one model per institution).
 METHODS: tuple[str, ...] = ("finetune_all", "finetune_head", "fedper", "fedbn")
 #: References every method is compared with.
-REFERENCES: tuple[str, ...] = ("majority", "local_only", "global", "global_prior")
+REFERENCES: tuple[str, ...] = ("majority", "local_only", "global", "global_prior", "global_uniform")
+#: The metrics a method can be selected on and judged by.
+SELECT_METRICS: tuple[str, ...] = ("acc", "balanced_acc")
+#: Each metric's no-training reference: the label-prior correction that is Bayes-optimal for it.
+MATCHING_REFERENCE: dict[str, str] = {"acc": "global_prior", "balanced_acc": "global_uniform"}
 #: Tensor-name patterns of the classifier head (every medchain model names it ``head``).
 HEAD_PATTERNS: tuple[str, ...] = ("head.*",)
 
@@ -133,22 +152,51 @@ class LogitAdjusted(nn.Module):
 
 def prior_corrected(model: nn.Module, local_labels, global_labels, n_classes: int, *,
                     smoothing: float = 1.0) -> LogitAdjusted:
-    """The global ``model`` corrected to an institution's label prior (see module docstring).
-    local_labels: the institution's training labels; global_labels: all institutions' training
-    labels pooled (in a deployment: the sum of every institution's K class counts)."""
+    """The global ``model`` corrected to an institution's label prior (``global_prior``, for ACC;
+    see module docstring). local_labels: the institution's training labels; global_labels: all
+    institutions' training labels pooled (in a deployment: the sum of every institution's K
+    class counts)."""
     shift = prior_shift(label_frequencies(local_labels, n_classes, smoothing),
                         label_frequencies(global_labels, n_classes, smoothing))
     return LogitAdjusted(model, shift)
 
 
+def uniform_corrected(model: nn.Module, global_labels, n_classes: int, *,
+                      smoothing: float = 1.0) -> LogitAdjusted:
+    """The global ``model`` with the training prior removed (``global_uniform``, for balanced
+    ACC): logits ``+ log(1/K) − log p_train``; the constant ``log(1/K)`` changes no decision and
+    no probability. The same for every institution."""
+    uniform = np.full(n_classes, 1.0 / n_classes)
+    return LogitAdjusted(model, prior_shift(uniform, label_frequencies(global_labels, n_classes, smoothing)))
+
+
+def undefined_balanced(metrics: dict, labels) -> dict:
+    """`metrics` (a :func:`medchain.metrics.classification_metrics` dict of the split whose int
+    labels are `labels`) with ``classes_in_test`` (how many classes occur) and ``balanced_acc``
+    set to NaN when fewer than two occur: over one class balanced ACC is that class's recall (a
+    majority vote scores 1.0), not a balanced measure. Over >= 2 present classes it is the mean
+    recall of the classes present (scikit-learn drops classes absent from the labels)."""
+    present = int(np.unique(np.asarray(labels)).size)
+    out = {**metrics, "classes_in_test": present}
+    if present < 2:
+        out["balanced_acc"] = float("nan")
+    return out
+
+
+def split_metrics(model: nn.Module, data: ImageSet) -> dict:
+    """:func:`medchain.training.evaluate` of `model` on `data`, through :func:`undefined_balanced`."""
+    return undefined_balanced(evaluate(model, data), data.labels)
+
+
 def majority_metrics(train_labels, test_labels, n_classes: int) -> dict[str, float]:
     """Metrics of always predicting the training majority class (ACC = the majority rate;
-    balanced ACC = 1 / #classes in the test split if that class occurs there; AUC 0.5)."""
+    balanced ACC = 1 / #classes in the test split if that class occurs there, else 0, and NaN
+    when the split holds one class; AUC 0.5), with ``classes_in_test``."""
     maj = int(np.bincount(np.asarray(train_labels).astype(np.int64), minlength=n_classes).argmax())
     y = np.asarray(test_labels).astype(np.int64)
     proba = np.zeros((y.size, n_classes))
     proba[:, maj] = 1.0
-    return classification_metrics(y, proba)
+    return undefined_balanced(classification_metrics(y, proba), y)
 
 
 # ============================================================================================
@@ -160,9 +208,12 @@ class FinetuneConfig:
     the rest (BatchNorm statistics included) frozen. keep_start: the start model competes in the
     validation selection as "epoch 0" (fine-tuning can then never look worse on validation than
     not fine-tuning). lr follows a cosine decay to lr·lr_floor over the epochs.
-    from_prior: start from the *prior-corrected* global model — the institution's label-prior
-    shift (:func:`prior_shift`) is added to the head's bias, which for a linear head is exactly
-    the logit adjustment — so that fine-tuning is measured beyond label-mix adaptation."""
+    select: the validation metric that picks the epoch, ``"acc"`` or ``"balanced_acc"`` (ties:
+    lower validation loss) — the metric the result will be judged on.
+    from_prior: start from a *prior-corrected* global model — a label-prior shift (given to
+    :func:`finetune`; the one matching `select`: :func:`prior_shift` of the local prior for ACC,
+    of the uniform prior for balanced ACC) is added to the head's bias, which for a linear head is
+    exactly the logit adjustment — so that fine-tuning is measured beyond label-mix adaptation."""
 
     epochs: int = 5
     lr: float = 5e-4
@@ -175,6 +226,13 @@ class FinetuneConfig:
     from_prior: bool = False
     head_patterns: tuple[str, ...] = HEAD_PATTERNS
     seed: int = 0
+    select: str = "acc"
+
+    def __post_init__(self):
+        if self.select not in SELECT_METRICS:
+            raise ValueError(f"FinetuneConfig.select must be one of {SELECT_METRICS}, got {self.select!r}")
+        if self.epochs < 0:
+            raise ValueError(f"FinetuneConfig.epochs must be >= 0, got {self.epochs}")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -250,13 +308,69 @@ def _unfreeze(model: nn.Module, frozen: tuple[list[nn.Module], dict[str, bool]] 
     model.eval()
 
 
+@dataclass
+class Selection:
+    """What :func:`fit_selecting` kept. best: metric → (epoch, validation metrics, state_dict)
+    of that metric's best epoch (ties: lower validation loss; epoch 0 only when no epoch ran).
+    history: one row per epoch, as :func:`medchain.training.fit`'s."""
+
+    best: dict[str, tuple[int, dict, dict]]
+    history: list[dict]
+
+    def load(self, model: nn.Module, metric: str) -> nn.Module:
+        """A copy of `model` holding `metric`'s best weights, in eval mode."""
+        out = copy.deepcopy(model)
+        out.load_state_dict(self.best[metric][2])
+        return out.eval()
+
+
+def fit_selecting(model: nn.Module, train: ImageSet, val: ImageSet, tcfg: TrainConfig,
+                  selects: Iterable[str] = SELECT_METRICS, *, quiet: bool = True,
+                  desc: str = "fit") -> Selection:
+    """Train `model` in place for ``tcfg.epochs`` as :func:`medchain.training.fit` does (same
+    cosine schedule, same shuffling seeds, so with selects=("acc",) the same best epoch and
+    weights), but keep the best epoch for *each* validation metric in `selects` (ACC and/or
+    balanced ACC; ties: lower loss). The model ends with its last epoch's weights."""
+    selects = tuple(selects)
+    bad = [m for m in selects if m not in SELECT_METRICS]
+    if bad or not selects:
+        raise ValueError(f"selects must be a non-empty subset of {SELECT_METRICS}, got {selects}")
+    total = max(tcfg.epochs, 1)
+    per_epoch = TrainConfig(**{**tcfg.to_dict(), "epochs": 1})
+    best: dict[str, tuple[int, dict, dict]] = {}
+    keys: dict[str, tuple] = {}
+    history = []
+    if tcfg.epochs == 0:
+        m = evaluate(model, val)
+        state = copy.deepcopy(model.state_dict())
+        return Selection({s: (0, m, state) for s in selects}, history)
+    for epoch in tqdm(range(tcfg.epochs), desc=desc, disable=quiet, leave=False):
+        if tcfg.schedule == "cosine":
+            lr_range = (cosine_lr(tcfg.lr, epoch, total, tcfg.lr_floor),
+                        cosine_lr(tcfg.lr, epoch + 1, total, tcfg.lr_floor))
+        else:
+            lr_range = (tcfg.lr, tcfg.lr)
+        stats = train_epochs(model, train, per_epoch, lr_range=lr_range, seed=tcfg.seed * 1000 + epoch)
+        m = evaluate(model, val)
+        history.append({"epoch": epoch + 1, "lr": lr_range[0], "train_loss": stats["loss"],
+                        **{f"val_{k}": v for k, v in m.items()}})
+        state = None
+        for s in selects:
+            key = (m[s], -m["loss"])
+            if s not in keys or key > keys[s]:
+                state = state if state is not None else copy.deepcopy(model.state_dict())
+                keys[s], best[s] = key, (epoch + 1, m, state)
+    return Selection(best, history)
+
+
 def finetune(model: nn.Module, inst: InstitutionData, cfg: FinetuneConfig, *, quiet: bool = True,
              shift=None) -> FinetuneResult:
-    """Fine-tune a copy of `model` on ``inst.train``; select the epoch on ``inst.val`` (ACC, ties:
-    lower loss), the start model included when ``cfg.keep_start``. Deterministic by cfg.seed
-    (the institution's index is mixed in, so institutions shuffle differently).
-    shift: the institution's label-prior shift (K,), required when ``cfg.from_prior`` (see
-    :func:`prior_shift`); added to the bias of the model's ``head`` (an ``nn.Linear``)."""
+    """Fine-tune a copy of `model` on ``inst.train``; select the epoch on ``inst.val`` by
+    ``cfg.select`` (ties: lower loss), the start model included when ``cfg.keep_start``.
+    Deterministic by cfg.seed (the institution's index is mixed in, so institutions shuffle
+    differently); with select="acc" it trains and selects exactly as :func:`medchain.training.fit`.
+    shift: the label-prior shift (K,) matching ``cfg.select``, required when ``cfg.from_prior``
+    (see :func:`prior_shift`); added to the bias of the model's ``head`` (an ``nn.Linear``)."""
     tuned = copy.deepcopy(model)
     if cfg.from_prior:
         if shift is None:
@@ -267,18 +381,22 @@ def finetune(model: nn.Module, inst: InstitutionData, cfg: FinetuneConfig, *, qu
     frozen = _freeze_body(tuned, cfg.head_patterns) if cfg.head_only else None
     tcfg = cfg.train_config()
     tcfg.seed = cfg.seed * 1_000 + 7 * inst.index + 1
-    result = None
+    key = lambda m: (m[cfg.select], -m["loss"])
     try:
-        if cfg.epochs > 0:
-            result = fit(tuned, inst.train, inst.val, tcfg, quiet=quiet,
-                         desc=f"fine-tune {'head' if cfg.head_only else 'all'} {inst.index}")
+        sel = fit_selecting(tuned, inst.train, inst.val, tcfg, (cfg.select,), quiet=quiet,
+                            desc=f"fine-tune {'head' if cfg.head_only else 'all'} {inst.index}")
     finally:
         _unfreeze(tuned, frozen)
-    best_epoch, val = (result.best_epoch, result.best_val) if result is not None else (0, start_val)
-    if cfg.keep_start and (start_val["acc"], -start_val["loss"]) >= (val["acc"], -val["loss"]):
+    result = None
+    best_epoch, best_val = 0, start_val
+    if cfg.epochs > 0:
+        best_epoch, best_val, state = sel.best[cfg.select]
+        tuned.load_state_dict(state)
+        result = FitResult(tuned, best_epoch, best_val, sel.history)
+    if cfg.keep_start and key(start_val) >= key(best_val):
         tuned.load_state_dict(start_state)
-        best_epoch, val = 0, start_val
-    return FinetuneResult(tuned, best_epoch, val, start_val, result)
+        best_epoch, best_val = 0, start_val
+    return FinetuneResult(tuned, best_epoch, best_val, start_val, result)
 
 
 # ============================================================================================

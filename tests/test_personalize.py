@@ -6,6 +6,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -14,14 +15,17 @@ from conftest import toy_images
 from medchain import codec
 from medchain.blobstore import fetch_payload
 from medchain.data.types import Dataset, ImageSet, InstitutionData
+from medchain.experiments.personalization import paired_differences, per_institution
 from medchain.models import build_model
 from medchain.params import Layout, mask_for_module_types, model_vector, select_names
+from medchain.metrics import classification_metrics
 from medchain.personalize import (FinetuneConfig, LogitAdjusted, add_to_head_bias, adjust_logits,
-                                  audit_local_only, finetune, label_frequencies, local_mask_for,
-                                  majority_metrics, personal_models, prior_corrected, prior_shift,
-                                  run_local_mask)
+                                  audit_local_only, finetune, fit_selecting, label_frequencies,
+                                  local_mask_for, majority_metrics, personal_models, prior_corrected,
+                                  prior_shift, run_local_mask, split_metrics, undefined_balanced,
+                                  uniform_corrected)
 from medchain.protocol import CollabConfig, run_collaborative
-from medchain.training import TrainConfig, recalibrate_bn, train_epochs
+from medchain.training import TrainConfig, fit, recalibrate_bn, train_epochs
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +92,62 @@ def test_folding_the_shift_into_the_head_bias_equals_logit_adjustment():
 def test_majority_metrics():
     m = majority_metrics([0, 1, 1, 1], [1, 1, 0, 2], 3)
     assert m["acc"] == 0.5 and m["balanced_acc"] == pytest.approx(1 / 3) and m["auc"] == 0.5
+    assert m["classes_in_test"] == 3
+    # a one-class test split: a majority vote would score balanced ACC 1.0 there; it is not computed
+    one = majority_metrics([1, 1, 0], [1, 1, 1], 3)
+    assert one["acc"] == 1.0 and math.isnan(one["balanced_acc"]) and one["classes_in_test"] == 1
+
+
+def test_uniform_correction_removes_the_training_prior():
+    global_labels = np.array([0, 0, 0, 1])                       # 3/4, 1/4 (smoothing 0)
+    model = uniform_corrected(_Fixed([1.0, 0.0]), global_labels, 2, smoothing=0)
+    np.testing.assert_allclose(model.shift.double().numpy(),
+                               [math.log(0.5 / 0.75), math.log(0.5 / 0.25)], atol=1e-6)
+    # with add-one smoothing: counts (4, 2) / 6
+    sm = uniform_corrected(_Fixed([0.0, 0.0]), global_labels, 2, smoothing=1)
+    np.testing.assert_allclose(sm.shift.double().numpy(), [math.log(0.5 / (4 / 6)), math.log(0.5 / (2 / 6))], atol=1e-6)
+
+
+def test_each_correction_is_the_better_one_for_its_own_metric():
+    """Scores calibrated to the pooled training prior (two 1-D Gaussians, train prior 0.7 / 0.3)
+    on an institution whose mix is 0.9 / 0.1: the local-prior correction gives the higher ACC,
+    the uniform-prior one the higher balanced ACC (each is the Bayes rule for its metric)."""
+    rng = np.random.default_rng(0)
+    p_train, p_local = np.array([0.7, 0.3]), np.array([0.9, 0.1])
+    y = (rng.random(40_000) < p_local[1]).astype(np.int64)
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)
+    loglik = np.stack([-(x + 1.0) ** 2, -(x - 1.0) ** 2], axis=1) / (2 * 1.5 ** 2)
+    logits = loglik + np.log(p_train)                            # the global model: train posterior
+    soft = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    local = classification_metrics(y, soft(adjust_logits(logits, p_local, p_train)))
+    uniform = classification_metrics(y, soft(adjust_logits(logits, np.full(2, 0.5), p_train)))
+    raw = classification_metrics(y, soft(logits))
+    assert local["acc"] > max(uniform["acc"], raw["acc"]) + 0.01
+    assert uniform["balanced_acc"] > max(local["balanced_acc"], raw["balanced_acc"]) + 0.01
+
+
+def test_balanced_acc_is_mean_recall_over_present_classes_and_undefined_on_one_class():
+    """Why a degenerate global model scores a mean per-institution balanced ACC below 1/K: a
+    model that always predicts class 1 scores 0 on an institution whose test split lacks
+    class 1 and 1/|present| where it occurs (quick claim-4 run, simulated, Dirichlet 0.1: the
+    global model predicted class 1 for 286 of 300 test images; mean 0.154 — not a metric bug)."""
+    onehot = lambda pred, k=3: np.eye(k)[np.asarray(pred)]
+    y = np.array([0, 0, 2, 2, 2, 2])                             # class 1 absent
+    m = undefined_balanced(classification_metrics(y, onehot([0, 1, 2, 2, 1, 1])), y)
+    assert m["balanced_acc"] == pytest.approx((1 / 2 + 2 / 4) / 2)   # recall of classes 0 and 2 only
+    assert m["classes_in_test"] == 2
+    const = undefined_balanced(classification_metrics(y, onehot([1] * 6)), y)
+    assert const["balanced_acc"] == 0.0
+    insts = [np.array([0, 0, 2]), np.array([0, 1, 2]), np.array([0, 0, 0, 2])]
+    per_inst = [undefined_balanced(classification_metrics(t, onehot([1] * t.size)), t)["balanced_acc"]
+                for t in insts]
+    assert per_inst == pytest.approx([0.0, 1 / 3, 0.0]) and np.mean(per_inst) < 1 / 3
+    one = undefined_balanced(classification_metrics(np.array([2, 2]), onehot([2, 2])), [2, 2])
+    assert one["acc"] == 1.0 and math.isnan(one["balanced_acc"]) and one["classes_in_test"] == 1
+    # through a model: labels and probabilities stay aligned (a fixed model predicting class 0)
+    data = toy_images(20, seed=5)
+    out = split_metrics(_Fixed([2.0, 0.0]), data)
+    assert out["acc"] == pytest.approx(np.mean(data.labels == 0)) and out["balanced_acc"] == 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +202,35 @@ def test_finetune_selection_and_determinism():
     assert off.best_epoch == 1 and off.val["acc"] < res.val["acc"]
     with pytest.raises(ValueError, match="shift"):
         finetune(model, inst, FinetuneConfig(epochs=1, from_prior=True))
+
+
+def test_fit_selecting_on_acc_is_fit_and_keeps_each_metrics_best_epoch():
+    torch.set_num_threads(1)
+    inst = _inst(2)
+    tcfg = TrainConfig(epochs=3, lr=3e-3, batch_size=32, seed=4)
+    a, b = build_model("cnn_small", 1, 2, seed=0), build_model("cnn_small", 1, 2, seed=0)
+    ref = fit(a, inst.train, inst.val, tcfg)
+    sel = fit_selecting(b, inst.train, inst.val, tcfg, ("acc", "balanced_acc"))
+    assert sel.best["acc"][0] == ref.best_epoch and sel.best["acc"][1] == ref.best_val
+    for k, v in sel.load(b, "acc").state_dict().items():
+        assert torch.equal(v, a.state_dict()[k]), k
+    for metric in ("acc", "balanced_acc"):
+        keys = [(h[f"val_{metric}"], -h["val_loss"]) for h in sel.history]
+        assert sel.best[metric][0] == 1 + max(range(len(keys)), key=lambda i: (keys[i], -i))
+    with pytest.raises(ValueError, match="selects"):
+        fit_selecting(b, inst.train, inst.val, tcfg, ("auc",))
+
+
+def test_finetune_selects_the_epoch_on_the_metric_it_is_judged_on():
+    torch.set_num_threads(1)
+    inst = _inst(3)
+    model = build_model("cnn_small", 1, 2, seed=0)
+    for metric in ("acc", "balanced_acc"):
+        res = finetune(model, inst, FinetuneConfig(epochs=3, lr=1e-2, seed=1, select=metric))
+        scores = [res.start_val[metric]] + [h[f"val_{metric}"] for h in res.fit.history]
+        assert res.val[metric] == max(scores)
+    with pytest.raises(ValueError, match="select"):
+        FinetuneConfig(select="auc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +357,8 @@ def _toy_dataset() -> Dataset:
 
 
 def test_setting_is_deterministic_by_seed_and_summarized():
-    from medchain.experiments.personalization import personalize_setting, plot_gains, setting_summary
+    from medchain.experiments.personalization import (mean_table, paired_differences, personalize_setting,
+                                                      plot_gains, setting_summary)
     torch.set_num_threads(1)
     ds = _toy_dataset()
     cfg = CollabConfig(rounds=2, local_epochs=1, batch_size=32, lr=3e-3, model="cnn_small", seed=0)
@@ -283,15 +373,91 @@ def test_setting_is_deterministic_by_seed_and_summarized():
     assert sa["final_global_digest"] == sb["final_global_digest"]
     assert sa["personal_digests"] == sb["personal_digests"]
     assert sa["local_coordinates_never_shared"]
-    assert set(sa["methods"]) == {"majority", "local_only", "global", "global_prior", "finetune_all",
-                                  "finetune_head", "fedper", "fedbn"}
+    assert set(sa["methods"]) == {"majority", "local_only", "global", "global_prior", "global_uniform",
+                                  "finetune_all", "finetune_head", "fedper", "fedbn"}
     assert sa["best_method"] in ("finetune_all", "finetune_head", "fedper", "fedbn")
     m = sa["methods"]
     assert m["fedper"]["gain_over_global_prior"]["mean_balanced_acc"] == pytest.approx(
         m["fedper"]["mean_balanced_acc"] - m["global_prior"]["mean_balanced_acc"])
-    assert sa["holds"] == (sa["best_gain_over_global_prior"] >= 0.02 - 1e-9
-                           and sa["best_gain_over_local_only"] >= 0.02 - 1e-9
-                           and sa["best_worst_institution_vs_global_prior"] >= -0.01 - 1e-9)
+    # each metric judged against its own reference, the best method chosen on that validation metric
+    for metric, key, ref in (("balanced_acc", "mean_balanced_acc", "global_uniform"), ("acc", "mean_acc", "global_prior")):
+        v = sa["by_metric"][metric]
+        assert v["reference"] == ref
+        assert v["best_method"] == max(("finetune_all", "finetune_head", "fedper", "fedbn"),
+                                       key=lambda x: m[x][f"val_{key}"])
+        assert v["gain_over_reference"] == pytest.approx(m[v["best_method"]][key] - m[ref][key])
+        assert v["gain_over_local_only"] == pytest.approx(m[v["best_method"]][key] - m["local_only"][key])
+        assert v["holds"] == (v["gain_over_reference"] >= 0.02 - 1e-9 and v["gain_over_local_only"] >= 0.02 - 1e-9
+                              and v["worst_institution_vs_reference"] >= -0.01 - 1e-9)
+    assert sa["holds"] == sa["by_metric"]["balanced_acc"]["holds"] and sa["reference"] == "global_uniform"
+    # fine-tuning and local-only give one model per metric; the others one model
+    t = a.table
+    assert set(t[t.method == "finetune_all"].selected_on) == {"acc", "balanced_acc"}
+    assert set(t[t.method == "local_only"].selected_on) == {"acc", "balanced_acc"}
+    assert set(t[t.method == "fedper"].selected_on) == {"none"}
+    # a one-class test split: reported, balanced ACC not computed there
+    one = [i for i, c in enumerate(a.info["test_label_counts"]) if sum(x > 0 for x in c) < 2]
+    assert sa["test_one_class"] == one
+    test = t[t.split == "test"]
+    assert test[test.institution.isin(one)].balanced_acc.isna().all()
+    assert test[~test.institution.isin(one)].balanced_acc.notna().all()
+    assert m["global"]["institutions_balanced_acc"] == 3 - len(one)
+    d = paired_differences(t)
+    assert len(d) == 2 * 4 * 3 and set(d.metric) == {"acc", "balanced_acc"}
+    for metric, ref in (("acc", "global_prior"), ("balanced_acc", "global_uniform")):
+        best = d[(d.metric == metric) & d.best]
+        assert set(best.method) == {sa["by_metric"][metric]["best_method"]} and len(best) == 3
+        assert (best.reference == ref).all()
+        assert best.minus_reference.mean() == pytest.approx(sa["by_metric"][metric]["gain_over_reference"])
     assert len(set(sa["ledger_address"].values())) == 3
     fig = plot_gains(a.table)
     assert len(fig.axes) >= 2
+    assert set(mean_table(a.table).index.get_level_values("method")) == set(sa["methods"])
+
+
+def _hand_table() -> pd.DataFrame:
+    """Two institutions, balanced ACC undefined on institution 1's test split (one class)."""
+    rows = []
+    def add(method, sel, inst, split, acc, bal):
+        rows.append({"setting": "s", "method": method, "institution": inst, "split": split, "selected_on": sel,
+                     "acc": acc, "balanced_acc": bal, "auc": 0.5, "loss": 1.0, "n": 10,
+                     "classes_in_test": 1 if (inst == 1 and split == "test") else 2})
+    for split in ("val", "test"):
+        nan1 = lambda b: float("nan") if split == "test" else b
+        for method, vals in {"global": (0.6, 0.5), "global_prior": (0.8, 0.4), "global_uniform": (0.7, 0.6),
+                             "fedper": (0.75, 0.65)}.items():
+            add(method, "none", 0, split, *vals)
+            add(method, "none", 1, split, vals[0] + 0.1, nan1(vals[1]))
+        for sel, vals in {"acc": (0.9, 0.5), "balanced_acc": (0.7, 0.8)}.items():
+            add("finetune_all", sel, 0, split, *vals)
+            add("finetune_all", sel, 1, split, vals[0], nan1(vals[1]))
+        for sel, vals in {"acc": (0.85, 0.55), "balanced_acc": (0.8, 0.7)}.items():
+            add("local_only", sel, 0, split, *vals)
+            add("local_only", sel, 1, split, vals[0], nan1(vals[1]))
+    return pd.DataFrame(rows)
+
+
+def test_per_institution_reads_each_metric_from_the_model_selected_on_it():
+    p = per_institution(_hand_table())
+    assert p.loc[("s", "finetune_all", 0), "acc"] == 0.9           # the ACC-selected model
+    assert p.loc[("s", "finetune_all", 0), "balanced_acc"] == 0.8  # the balanced-ACC-selected model
+    assert math.isnan(p.loc[("s", "finetune_all", 1), "balanced_acc"])
+    assert p.loc[("s", "fedper", 1), "acc"] == pytest.approx(0.85)
+    assert len(p) == 6 * 2
+
+
+def test_paired_differences_shape_values_and_best():
+    d = paired_differences(_hand_table())
+    assert list(d.columns) == ["setting", "metric", "method", "institution", "value", "reference",
+                               "reference_value", "local_only_value", "minus_reference",
+                               "minus_local_only", "best", "classes_in_test"]
+    assert len(d) == 2 * 2 * 2                                       # metrics × methods × institutions
+    row = lambda metric, method, inst: d[(d.metric == metric) & (d.method == method) & (d.institution == inst)].iloc[0]
+    r = row("acc", "finetune_all", 0)
+    assert r.reference == "global_prior" and r.minus_reference == pytest.approx(0.9 - 0.8)
+    assert r.minus_local_only == pytest.approx(0.9 - 0.85) and r.best   # val ACC 0.9 > fedper 0.75…
+    r = row("balanced_acc", "finetune_all", 0)
+    assert r.reference == "global_uniform" and r.minus_reference == pytest.approx(0.8 - 0.6)
+    assert r.minus_local_only == pytest.approx(0.8 - 0.7) and r.best
+    r = row("balanced_acc", "fedper", 1)
+    assert math.isnan(r.minus_reference) and r.classes_in_test == 1 and not r.best
