@@ -111,13 +111,18 @@ class Decision:
         return {**asdict(self), "holds": self.holds, "n": len(self.values)}
 
 
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
+def _fmt(x: float, unit: str = "points") -> str:
+    """A difference in words: fractions (ACC) as percentage points, anything else in its unit."""
+    return f"{100 * x:+.1f}" if unit == "points" else f"{x:+.2f}"
 
 
 def non_inferiority(diffs, tolerance: float, *, metric: str = "acc", a: str = "A", b: str = "B",
-                    level: float = LEVEL) -> Decision:
-    """Is A about as good as B? diffs: per-seed A − B. See the module docstring for the rule."""
+                    level: float = LEVEL, unit: str = "points") -> Decision:
+    """Is A about as good as B? diffs: per-seed A − B. See the module docstring for the rule.
+    unit: "points" for fractions (ACC 0.01 = 1 point) or the differences' own unit (e.g. "dB")."""
+    def _pts(x):
+        return _fmt(x, unit)
+    tol = 100 * tolerance if unit == "points" else tolerance
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     d = _finite(diffs, f"{a} − {b} differences")
@@ -125,41 +130,43 @@ def non_inferiority(diffs, tolerance: float, *, metric: str = "acc", a: str = "A
     lo95, hi95 = t_interval(d, level)
     mean = float(d.mean())
     if d.size < 2:
-        verdict, reason = "inconclusive", (f"1 seed ({_pts(mean)} points): training noise unmeasured, "
+        verdict, reason = "inconclusive", (f"1 seed ({_pts(mean)} {unit}): training noise unmeasured, "
                                            "run several seeds (-p seeds=[0,1,2,3,4])")
         equivalence = None
     else:
-        ci = f"one-sided {level:.0%} bound {_pts(lo90)} points (mean {_pts(mean)}, n = {d.size})"
+        ci = f"one-sided {level:.0%} bound {_pts(lo90)} {unit} (mean {_pts(mean)}, n = {d.size})"
         if lo90 > -tolerance:
-            verdict, reason = "holds", f"{ci} above −{100 * tolerance:.1f}"
+            verdict, reason = "holds", f"{ci} above −{tol:.1f}"
         elif hi90 < -tolerance:
-            verdict, reason = "fails", (f"{a} is worse by more than {100 * tolerance:.1f} points: "
+            verdict, reason = "fails", (f"{a} is worse by more than {tol:.1f} {unit}: "
                                         f"upper bound {_pts(hi90)} (mean {_pts(mean)}, n = {d.size})")
         else:
             verdict, reason = "inconclusive", (f"interval too wide: [{_pts(lo90)}, {_pts(hi90)}] "
-                                               f"points straddles −{100 * tolerance:.1f} (n = {d.size} seeds)")
+                                               f"{unit} straddles −{tol:.1f} (n = {d.size} seeds)")
         equivalence = bool(-tolerance < lo90 and hi90 < tolerance)
     return Decision("non_inferiority", metric, a, b, d.tolist(), -tolerance, verdict, reason, mean,
                     float(d.std(ddof=1)) if d.size > 1 else math.nan, lo95, hi95, lo90, equivalence)
 
 
 def superiority(diffs, margin: float = 0.0, *, metric: str = "acc", a: str = "A", b: str = "B",
-                level: float = LEVEL) -> Decision:
-    """Does A beat B by more than `margin`? diffs: per-seed A − B."""
+                level: float = LEVEL, unit: str = "points") -> Decision:
+    """Does A beat B by more than `margin`? diffs: per-seed A − B (unit as in non_inferiority)."""
+    def _pts(x):
+        return _fmt(x, unit)
     d = _finite(diffs, f"{a} − {b} differences")
     lo, hi = t_interval(d, level)
     mean = float(d.mean())
     if d.size < 2:
-        verdict, reason = "inconclusive", (f"1 seed ({_pts(mean)} points): training noise unmeasured, "
+        verdict, reason = "inconclusive", (f"1 seed ({_pts(mean)} {unit}): training noise unmeasured, "
                                            "run several seeds (-p seeds=[0,1,2,3,4])")
     elif lo > margin:
-        verdict, reason = "holds", (f"{level:.0%} interval [{_pts(lo)}, {_pts(hi)}] points above "
+        verdict, reason = "holds", (f"{level:.0%} interval [{_pts(lo)}, {_pts(hi)}] {unit} above "
                                     f"{_pts(margin)} (n = {d.size})")
     elif hi <= margin:
-        verdict, reason = "fails", (f"{level:.0%} interval [{_pts(lo)}, {_pts(hi)}] points not above "
+        verdict, reason = "fails", (f"{level:.0%} interval [{_pts(lo)}, {_pts(hi)}] {unit} not above "
                                     f"{_pts(margin)} (n = {d.size})")
     else:
-        verdict, reason = "inconclusive", (f"interval too wide: [{_pts(lo)}, {_pts(hi)}] points "
+        verdict, reason = "inconclusive", (f"interval too wide: [{_pts(lo)}, {_pts(hi)}] {unit} "
                                            f"contains {_pts(margin)} (n = {d.size} seeds)")
     return Decision("superiority", metric, a, b, d.tolist(), margin, verdict, reason, mean,
                     float(d.std(ddof=1)) if d.size > 1 else math.nan, lo, hi, lo)
@@ -175,14 +182,17 @@ def combine(decisions: list[Decision]) -> str:
     return "fails" if "fails" in verdicts else "inconclusive"
 
 
-def claim_verdict(claim: str, decisions: list[Decision], *, deciding_metric: str,
+def claim_verdict(claim: str, decisions: list[Decision], *, deciding_metric: str | tuple[str, ...],
                   why_metric: str = "") -> dict:
     """The verdict record of one (sub-)claim for summary.json and `medchain reproduce`:
     {claim, verdict, holds (True/False/None), detail, deciding_metric, decisions: [...]}.
-    Only the decisions on `deciding_metric` decide; the others are reported beside them."""
-    deciding = [d for d in decisions if d.metric == deciding_metric]
-    if not deciding:
-        raise ValueError(f"no decision on the deciding metric {deciding_metric!r}; "
+    Only the decisions on `deciding_metric` (one metric, or several that must all hold) decide;
+    the others are reported beside them."""
+    wanted = (deciding_metric,) if isinstance(deciding_metric, str) else tuple(deciding_metric)
+    deciding = [d for d in decisions if d.metric in wanted]
+    missing = set(wanted) - {d.metric for d in deciding}
+    if missing:
+        raise ValueError(f"no decision on the deciding metric(s) {sorted(missing)}; "
                          f"have {sorted({d.metric for d in decisions})}")
     v = combine(deciding)
     detail = "; ".join(f"{d.a} − {d.b} ({d.metric}): {d.verdict} — {d.reason}" for d in deciding)

@@ -1,5 +1,5 @@
 """Notebook 03 in quick mode under papermill: it writes its results, records both chains and the
-bridge message, and at 5% target data transfer beats no transfer (claim 3's verdict)."""
+bridge message, and decides claim 3 at 5% target data only over seeds (one seed: inconclusive)."""
 import json
 from pathlib import Path
 
@@ -13,13 +13,13 @@ METHODS = {"none", "warm_start", "l2sp"}
 
 
 @pytest.mark.slow
-def test_notebook_03_quick_run_supports_claim_3(tmp_path):
+def test_notebook_03_quick_run_records_transfer_and_decides_nothing_on_one_seed(tmp_path):
     run_notebook(NOTEBOOK, tmp_path, quick=True, progress=False)
     out = tmp_path / "03_cross_chain_transfer"
     s = json.loads((out / "summary.json").read_text())
     assert {"claim", "verdicts", "speedup_rounds_to_target", "final_acc_gain", "per_fraction", "chain_a",
             "chain_b", "bridge_message_ids", "ledger_address", "final_block_hash", "target_runs",
-            "parameters", "seed", "versions", "git_commit"} <= set(s)
+            "parameters", "seeds", "versions", "git_commit"} <= set(s)
     assert s["claim"] == 3 and s["parameters"]["quick"] is True
     fractions = [f"{f:g}" for f in s["parameters"]["fractions"]]
     assert "0.05" in fractions and set(s["per_fraction"]) == set(fractions)
@@ -38,13 +38,14 @@ def test_notebook_03_quick_run_supports_claim_3(tmp_path):
             assert s["final_acc_gain"][f][m] == pytest.approx(e[m]["gain_mean"])
             assert s["speedup_rounds_to_target"][f][m] == pytest.approx(e[m]["speedup"])
 
-    # the verdict at 5%: one per transfer method, decided as stated; the claim holds in quick mode
+    # the verdict at 5%: one per transfer method, a paired decision over seeds; quick = one seed
     v5 = [v for v in s["verdicts"] if "5% target data" in v["claim"]]
-    assert len(v5) == 2
+    assert len(v5) == 2 and s["seeds"] == [0]
     e = s["per_fraction"]["0.05"]
     for v, m in zip(v5, ("warm_start", "l2sp")):
-        assert v["holds"] == (e[m]["speedup"] >= 2 or e[m]["gain_mean"] >= 0.05)
-    assert any(v["holds"] for v in v5)
+        assert v["verdict"] == "inconclusive" and v["holds"] is None
+        acc = [d for d in v["decisions"] if d["metric"] == "acc"][0]
+        assert acc["values"] == pytest.approx([e[m]["gain_mean"]])
 
     # both chains and the bridge message are recorded
     a = s["chain_a"]

@@ -98,3 +98,10 @@ def test_image_bootstrap_brackets_the_accuracy_difference():
     assert 0.0 < hi - lo < 0.2
     with pytest.raises(ValueError, match="equally long"):
         stats.image_bootstrap(a, b[:10])
+
+
+def test_decisions_in_other_units_read_in_that_unit():
+    d = stats.non_inferiority([0.5, 0.8, 0.6, 0.7], 1.0, metric="psnr", unit="dB")
+    assert d.verdict == "holds" and "dB" in d.reason and "above −1.0" in d.reason
+    s = stats.superiority([2.0, 2.5, 2.2], 0.0, metric="psnr", unit="dB")
+    assert s.verdict == "holds" and "dB" in s.reason
