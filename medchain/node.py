@@ -35,8 +35,14 @@ Rules this loop follows (all state it needs is on the chain):
 * **Attestations.** After attesting round r the node checks every attestation recorded so far for
   r (and, for late ones, for r − 1); any that differs stops it with
   :class:`~medchain.protocol.AttestationMismatchError` (never silently ignored; a member that
-  attests garbage on purpose therefore halts the honest ones until the admin removes it). Members
+  attests garbage on purpose therefore halts the honest ones until the admin removes it; from its
+  removal on, its attestations no longer count, so the honest nodes, restarted, go on). Members
   that have not attested (yet) are tolerated.
+* **Sample counts and removed members.** The ledger refuses an update reporting 0 samples or more
+  than the task's ``max_samples`` (fixed at deployment; the drill sets it to the largest share), and
+  withdraws the open-round update of a member the admin removes; replicas leave such updates out
+  (:meth:`~medchain.protocol.Institution.read_round`), so one member can neither stall a round with
+  a zero weight nor outweigh the others with a huge count.
 * **RPC outages.** Every chain call is retried with backoff by the client
   (:func:`medchain.chain.connection.with_retries`, about 4 s); beyond that the node logs
   ``RPC endpoint … unreachable …; retrying in …`` and keeps retrying the same idempotent step with

@@ -76,8 +76,10 @@ def find_anvil() -> Path:
 
 
 def _port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on (host, port)."""
+    """Whether something already listens on (host, port). SO_REUSEADDR, as anvil itself sets it:
+    connections of a previous node on that port lingering in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
