@@ -409,6 +409,9 @@ def test_setting_is_deterministic_by_seed_and_summarized():
         assert set(best.method) == {sa["by_metric"][metric]["best_method"]} and len(best) == 3
         assert (best.reference == ref).all()
         assert best.minus_reference.mean() == pytest.approx(sa["by_metric"][metric]["gain_over_reference"])
+    h = sa["global_pooled_test"]
+    assert sum(h["predicted"]) == sum(h["true"]) == sum(len(i.test) for i in a.institutions)
+    assert sa["global_degenerate"] == (h["balanced_acc"] < 0.5 + 0.05)
     assert len(set(sa["ledger_address"].values())) == 3
     fig = plot_gains(a.table)
     assert len(fig.axes) >= 2
@@ -435,6 +438,14 @@ def _hand_table() -> pd.DataFrame:
             add("local_only", sel, 0, split, *vals)
             add("local_only", sel, 1, split, vals[0], nan1(vals[1]))
     return pd.DataFrame(rows)
+
+
+def test_global_health_flags_a_model_that_predicts_one_class():
+    from medchain.experiments.personalization import global_health
+    insts = [_inst(0, n=8), _inst(1, n=8)]
+    h = global_health(_Fixed([0.0, 3.0]), insts, 2)
+    assert h["degenerate"] and h["predicted"] == [0, 64] and h["balanced_acc"] == 0.5
+    assert h["true"] == np.bincount(np.concatenate([i.test.labels for i in insts]), minlength=2).tolist()
 
 
 def test_per_institution_reads_each_metric_from_the_model_selected_on_it():

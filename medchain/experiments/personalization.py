@@ -40,9 +40,10 @@ from medchain.personalize import (MATCHING_REFERENCE, METHODS, SELECT_METRICS, F
                                   LocalOnlyAudit, audit_local_only, finetune, fit_selecting,
                                   majority_metrics, personal_models, prior_corrected, run_local_mask,
                                   split_metrics, uniform_corrected)
+from medchain.metrics import classification_metrics
 from medchain.protocol import CollabConfig, CollabResult, run_collaborative
 from medchain.models import build_model
-from medchain.training import TrainConfig
+from medchain.training import TrainConfig, predict_proba
 
 #: Display order of methods and references.
 ORDER = ("majority", "local_only", "global", "global_prior", "global_uniform") + METHODS
@@ -106,6 +107,27 @@ def _score(setting: str, method: str, models: list[nn.Module], insts: list[Insti
             rows.append({"setting": setting, "method": method, "institution": inst.index, "split": split,
                          "selected_on": selected_on, **split_metrics(model, getattr(inst, split))})
     return rows
+
+
+#: The global model counts as degenerate when its balanced ACC on all institutions' test splits
+#: pooled is below chance (1/K) plus this margin: it then predicts (nearly) one class, and
+#: per-institution means of any metric say more about the label skew than about personalization.
+DEGENERATE_MARGIN = 0.05
+
+
+def global_health(model: nn.Module, insts: list[InstitutionData], k: int) -> dict:
+    """The global model on all institutions' test splits pooled: ACC, balanced ACC, how many
+    images it assigns to each class (``predicted``; ``true`` for comparison) and ``degenerate``
+    (balanced ACC < 1/K + :data:`DEGENERATE_MARGIN`). Note that a model that always predicts
+    class c scores a mean per-institution balanced ACC below 1/K when c is absent from some
+    institutions' test splits (0 there): that is the metric, not a bug."""
+    labels = np.concatenate([i.test.labels for i in insts])
+    proba = np.concatenate([predict_proba(model, i.test) for i in insts])
+    m = classification_metrics(labels, proba)
+    return {"acc": m["acc"], "balanced_acc": m["balanced_acc"],
+            "predicted": np.bincount(proba.argmax(1), minlength=k).tolist(),
+            "true": np.bincount(labels, minlength=k).tolist(),
+            "degenerate": bool(not m["balanced_acc"] >= 1.0 / k + DEGENERATE_MARGIN)}
 
 
 def _absent_classes(insts: list[InstitutionData], k: int, setting: str) -> dict:
@@ -183,6 +205,7 @@ def personalize_setting(dataset: Dataset, setting: str, cfg: CollabConfig, *, in
     wall["fedavg"], cpu["fedavg"] = time.perf_counter() - t0, time.process_time() - c0
     glob = fedavg.model.eval()
     rows += _score(setting, "global", [glob] * len(insts), insts)
+    info["global_pooled_test"] = global_health(glob, insts, k)
     pooled_train = np.concatenate([i.train.labels for i in insts])
     corrected = [prior_corrected(glob, i.train.labels, pooled_train, k, smoothing=prior_smoothing) for i in insts]
     rows += _score(setting, "global_prior", corrected, insts)
@@ -447,6 +470,8 @@ def setting_summary(run: SettingRun, *, margin: float = 0.02, tolerance: float =
         "train_label_counts": run.info["train_label_counts"],
         "test_label_counts": run.info["test_label_counts"],
         "test_classes_absent": run.info.get("test_classes_absent"),
+        "global_pooled_test": run.info.get("global_pooled_test"),
+        "global_degenerate": (run.info.get("global_pooled_test") or {}).get("degenerate"),
         "test_one_class": run.info.get("test_one_class"),
         "wall_s": run.info["wall_s"], "cpu_s": run.info["cpu_s"],
     })
@@ -464,8 +489,13 @@ def verdict_detail(s: dict) -> str:
                      f"{v['worst_institution_vs_reference']:+.3f} over {v['institutions_scored']} "
                      f"institutions — {'holds' if v['holds'] else 'fails'}")
     g = s["methods"]["global"]
-    return "; ".join(parts) + (f"; global {g['mean_balanced_acc']:.3f} bal. ACC / {g['mean_acc']:.3f} ACC; "
-                               f"also vs uncorrected global: {'yes' if s['holds_strict'] else 'no'}")
+    out = "; ".join(parts) + (f"; global {g['mean_balanced_acc']:.3f} bal. ACC / {g['mean_acc']:.3f} ACC; "
+                              f"also vs uncorrected global: {'yes' if s['holds_strict'] else 'no'}")
+    h = s.get("global_pooled_test")
+    if h and h["degenerate"]:
+        out += (f"; WARNING: the global model is degenerate (pooled test balanced ACC "
+                f"{h['balanced_acc']:.3f}, predicted per class {h['predicted']} vs true {h['true']})")
+    return out
 
 
 def mean_table(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
