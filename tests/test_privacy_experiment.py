@@ -90,3 +90,34 @@ def test_summarize_theta_star_and_unprotected_settings():
     assert s["holds"] is True and s["acc_0.1_within_tolerance"] is True
     assert [(n["setting"], n["theta_u"], n["beats_mean_image"]) for n in s["not_protected"]] == [
         ("protocol", 0.1, True)]
+
+
+def _fake_privacy_seed(seed, acc1, acc01, worst_psnr, baseline_psnr=18.0):
+    utility = pd.DataFrame([
+        {"theta_u": 1.0, "rule": "largest", "acc": acc1, "balanced_acc": acc1, "auc": 0.9, "seed": seed},
+        {"theta_u": 0.1, "rule": "largest", "acc": acc01, "balanced_acc": acc01, "auc": 0.9, "seed": seed}])
+    leak = pd.DataFrame([{"setting": "worst_case", "theta_u": t, "rule": "largest", "attacker": "mask_aware",
+                          "method": m, "image": i, "psnr": p, "ssim": 0.5, "mse": 1.0, "label_acc": 1.0,
+                          "seed": seed}
+                         for t, m, i, p in ((1.0, "ig", 0, 50.0), (0.1, "ig", 0, worst_psnr - 3),
+                                            (0.1, "ig", 1, worst_psnr), (0.1, "dlg", 0, 5.0), (0.1, "dlg", 1, 6.0))])
+    return {"seed": seed, "utility": utility, "leak": leak, "mia": None,
+            "baseline": {"psnr": baseline_psnr, "ssim": 0.6}}
+
+
+def test_summarize_seeds_decides_cost_and_worst_image_leakage_over_seeds():
+    protected = [_fake_privacy_seed(s, 0.80, 0.795 + 0.001 * s, 12.0 + 0.2 * s) for s in range(5)]
+    out = P.summarize_seeds(protected, theta=0.1)
+    assert out["verdict"]["verdict"] == "holds"
+    assert out["worst_image_psnr"] == pytest.approx([12.0 + 0.2 * s for s in range(5)])   # strongest method, worst image
+    leaky = [_fake_privacy_seed(s, 0.80, 0.795, 25.0 + 0.3 * s) for s in range(5)]
+    v = P.summarize_seeds(leaky, theta=0.1)["verdict"]
+    assert v["verdict"] == "fails"
+    psnr = [d for d in v["decisions"] if d["metric"] == "psnr"][0]
+    assert psnr["verdict"] == "fails" and "dB" in psnr["reason"]
+    costly = [_fake_privacy_seed(s, 0.80, 0.70 + 0.002 * s, 12.0) for s in range(5)]
+    assert P.summarize_seeds(costly, theta=0.1)["verdict"]["verdict"] == "fails"
+    one = P.summarize_seeds(protected[:1], theta=0.1)["verdict"]
+    assert one["verdict"] == "inconclusive"
+    with pytest.raises(ValueError, match="θu = 0.2"):
+        P.summarize_seeds(protected, theta=0.2)
