@@ -361,3 +361,76 @@ def test_the_drill_caps_sample_counts_at_the_largest_share(tmp_path):
     assert dep.largest_share() == 30
     with pytest.raises(ValueError, match="index 3 is out of range.*0..2"):
         Deployment(3, CollabConfig(rounds=1), data=src, workdir=tmp_path / "run2", byzantine={3: "huge"})
+
+
+# ------------------------------------------------------------------------------ deployment mode
+@pytest.mark.anvil
+@needs_anvil
+def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path):
+    """Three honest `medchain node` processes on anvil and two hostile members driven from here.
+    A tries to claim 0 and 2**64-1 samples (refused by the contract), gets a poisoned update in with
+    the largest legal count, and is removed before the round closes: its update is withdrawn. B
+    closes round 0 and attests a garbage digest at once: the honest nodes stop on the mismatch
+    (by design) — until the admin removes B; restarted, they resume from the chain and finish.
+    Every replica ends with the same model, and A's update is in none of them."""
+    from test_deploy import toy_source
+
+    from medchain.chain import dev_accounts
+    from medchain.models import build_model
+    from medchain.node import Deployment, rebuild_global
+    from medchain.data import load_dataset, partition
+    from medchain.params import Layout
+
+    cfg = CollabConfig(rounds=3, batch_size=32, lr=3e-3, model="lenet")
+    src = toy_source(tmp_path, size=28)
+    slow_poll = {i: ["--poll-interval", "1.0"] for i in range(3)}   # B's garbage lands before their check
+    with Deployment(3, cfg, data=src, workdir=tmp_path / "run", node_args=slow_poll) as dep:
+        dep.start_chain()
+        dep.create_task(1, 2)
+        cap = dep.cfg.max_samples
+        assert cap == max(len(d.train) for d in partition(load_dataset(src), 3, "iid", seed=0))
+        a, b = dev_accounts(dep.w3, 6)[4:6]
+        dep.ledger.add_member(a.address)
+        dep.ledger.add_member(b.address)
+        la, lb = dep.ledger.as_account(a), dep.ledger.as_account(b)
+        layout = Layout.from_module(build_model("lenet", 1, 2, cfg.seed))
+
+        def payload(value: float) -> tuple[bytes, bytes]:
+            p = codec.encode_update(np.full(layout.size, value, np.float32), layout.layout_id,
+                                    total_size=layout.size)
+            return codec.digest(p), p
+        dep.launch()
+        dep.start_task()
+        d, p = payload(-500.0)                                       # within max_abs_update
+        with pytest.raises(ZeroSamples):
+            la.submit_update(0, d, layout.size, 0, p)
+        with pytest.raises(TooManySamples):
+            la.submit_update(0, d, layout.size, 2 ** 64 - 1, p)
+        la.submit_update(0, d, layout.size, cap, p)
+        dep.ledger.remove_member(a.address)                          # before round 0 closes
+        assert dep.ledger.withdrawn(0, a.address) and dep.ledger.current_round() == 0
+        reader = LedgerClient(dep.w3, dep.ledger.address)
+        dep.wait_for(lambda: reader.submitted_count(0) == 3, 180, "the 3 honest updates of round 0")
+        d0, p0 = payload(0.0)
+        lb.submit_update(0, d0, layout.size, 1, p0)                  # closes round 0 ...
+        lb.attest(0, hashlib.sha256(b"garbage").digest())            # ... and attests garbage at once
+        dep.wait_for(lambda: not any(n.running for n in dep.nodes) or reader.submitted_count(1) == 3, 120,
+                     "the nodes to stop on the mismatch (or to wait in round 1)", tolerate=(0, 1, 2))
+        halted = [n.index for n in dep.nodes if not n.running]
+        assert halted, "no node noticed the garbage attestation"
+        for i in halted:
+            assert dep.nodes[i].proc.returncode == 2
+            assert "institutions disagree on the global model" in dep.nodes[i].log_tail()
+        dep.ledger.remove_member(b.address)
+        with pytest.raises(NotAMember):
+            la.submit_update(1, d, layout.size, cap, p)
+        for i in halted:
+            dep.nodes[i].start()                                     # restarted: resumes from the chain
+        assert dep.wait(300) == {0: 0, 1: 0, 2: 0}
+        finals = {m["final_digest"] for n in dep.nodes for m in n.metrics() if m["event"] == "final"}
+        observer = rebuild_global(reader, partition(load_dataset(src), 3, "iid", seed=0)[0], 2)
+        assert finals == {observer.global_digest().hex()} == {reader.majority_digest(cfg.rounds - 1).hex()}
+        assert [(u.sender, u.withdrawn) for u in reader.updates(0) if u.sender in (a.address, b.address)] == \
+            [(a.address, True), (b.address, False)]
+        assert observer.refused[0][0][0] == a.address and "withdrawn" in observer.refused[0][0][1]
+        assert all(len(reader.updates(r)) == 3 for r in (1, 2))
