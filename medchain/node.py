@@ -26,7 +26,7 @@ Rules this loop follows (all state it needs is on the chain):
   beyond ``max_abs_update``, a wrong ``n_values``) is left out of its round, logged, and the round's
   other updates are aggregated; every honest institution refuses the same updates, so all still
   compute the same model (:meth:`~medchain.protocol.Institution.read_round`). A round with no
-  acceptable update stops the run. A payload that is *missing* from the blob store (or corrupted
+  acceptable update leaves the global model unchanged, on every replica alike. A payload that is *missing* from the blob store (or corrupted
   there) is not refused but raises — another institution may hold the right bytes, and refusing it
   locally would fork this replica (data availability is the blob store's job: keep payloads inline
   or share the store). Bounded-but-malicious updates are the job of the task's robust aggregation

@@ -360,15 +360,16 @@ class Institution:
         Updates are combined in a canonical order -- by payload digest, then sample count -- so the
         result depends only on the *set* of accepted updates, not on the order in which they reached
         the chain (separate processes submit in any order; the in-process simulation in index
-        order: both give the same digest). A round whose updates were all refused raises CodecError.
+        order: both give the same digest). A round with no acceptable update
+        (all refused or withdrawn) leaves the global model unchanged: the same rule on every
+        replica, so one member's unusable update cannot stall the task.
         """
         decoded = self.read_round(r)
         if not decoded:
-            if self.refused.get(r):
-                reasons = "; ".join(f"{s}: {why}" for s, why in self.refused[r])
-                raise codec.CodecError(f"round {r}: every update was refused ({reasons}); the round "
-                                       "carries nothing to aggregate")
-            raise RuntimeError(f"round {r} closed with no updates on the ledger")
+            reasons = "; ".join(f"{s}: {why}" for s, why in self.refused.get(r, [])) or "no updates"
+            log.warning("round %d: no acceptable update (%s); the global model stays as it was", r, reasons)
+            self.rounds_applied = r + 1
+            return self.global_digest()
         t0 = time.perf_counter()
         decoded = sorted(decoded, key=lambda rd: (bytes(rd[0].digest), int(rd[0].n_samples)))
         updates = [SparseUpdate(d.indices, d.values, float(rec.n_samples), self.layout.size)

@@ -434,3 +434,25 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path):
             [(a.address, True), (b.address, False)]
         assert observer.refused[0][0][0] == a.address and "withdrawn" in observer.refused[0][0][1]
         assert all(len(reader.updates(r)) == 3 for r in (1, 2))
+
+
+def test_a_round_whose_only_update_is_refused_leaves_the_model_unchanged_on_every_replica(task):
+    """Deadline + quorum 1 lets a round close with one update; if that update is unusable (garbage
+    payload behind a valid digest) every replica keeps the model as it was and the task goes on."""
+    admin, insts, _ = task
+    before = insts[0].global_digest()
+    garbage = b"not an update"
+    insts[2].ledger.submit_update(0, codec.digest(garbage), 3, 20, garbage)
+    insts[0].upload(0, _delta(insts[0], 1e-3))          # quorum 2 reached: one good, one garbage
+    advance_blocks(admin.w3, 6)
+    admin.close_round()
+    digests = {inst.apply_round(0) for inst in insts}
+    assert len(digests) == 1 and digests != {before}
+    insts[1].ledger.submit_update(1, codec.digest(garbage), 3, 20, garbage)
+    insts[2].ledger.submit_update(1, hashlib.sha256(b"x").digest(), 3, 20, garbage)   # digest mismatch
+    advance_blocks(admin.w3, 6)
+    admin.close_round()
+    kept = insts[0].global_digest()
+    for inst in insts:
+        assert inst.apply_round(1) == kept                    # nothing acceptable: model unchanged
+        assert len(inst.refused[1]) == 2 and inst.rounds_applied == 2
