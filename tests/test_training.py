@@ -5,7 +5,9 @@ import torch
 from conftest import toy_images
 from medchain.metrics import auc_score, classification_metrics, majority_rate
 from medchain.models import build_model
-from medchain.training import TrainConfig, cosine_lr, evaluate, fit, to_tensor, train_epochs
+from medchain.params import Layout, model_vector
+from medchain.training import (TrainConfig, cosine_lr, evaluate, fit, make_optimizer, predict_proba,
+                               recalibrate_bn, to_tensor, train_epochs)
 
 
 def test_to_tensor_scales_and_orders_channels():
@@ -53,16 +55,74 @@ def test_fit_learns_a_learnable_problem_and_selects_on_validation():
     assert res.best_val["acc"] == pytest.approx(max(h["val_acc"] for h in res.history))
 
 
-def test_training_is_deterministic_by_seed():
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_training_is_deterministic_by_seed(one_thread, optimizer):
+    """Same seed and thread count → bit-identical weights (fused optimizer, channels_last)."""
     data = toy_images(200, 0)
-    states = []
+    anchor = {k: v.detach().clone() for k, v in build_model("cnn", 1, 2, seed=1).named_parameters()}
+    states, losses = [], []
     for seed in (5, 5, 6):
         model = build_model("cnn", 1, 2, seed=0)
-        train_epochs(model, data, TrainConfig(epochs=1, batch_size=32, seed=seed))
+        stats = train_epochs(model, data, TrainConfig(epochs=1, batch_size=32, seed=seed, optimizer=optimizer),
+                             anchor=anchor, anchor_strength=0.1)
         states.append(model.state_dict())
+        losses.append(stats["loss"])
+        assert stats["steps"] == 7 and np.isfinite(stats["loss"]) and stats["loss"] > 0
+    assert list(states[0]) == list(states[1])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+    assert losses[0] == losses[1]
     assert not torch.equal(states[0]["head.weight"], states[2]["head.weight"])
+
+
+def test_training_and_evaluation_keep_the_model_layout():
+    """channels_last is used only inside the loops: afterwards the same Parameter objects, in
+    contiguous format, in the same state_dict order, with the same medchain.params layout."""
+    model = build_model("cnn", 1, 2, seed=0)
+    params_before = list(model.parameters())
+    keys_before, layout_before = list(model.state_dict()), Layout.from_module(model)
+    data = toy_images(64, 0)
+    train_epochs(model, data, TrainConfig(epochs=1, batch_size=32))
+    predict_proba(model, data)
+    recalibrate_bn(model, data)
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    assert list(model.state_dict()) == keys_before and Layout.from_module(model) == layout_before
+    vec = model_vector(model)
+    assert np.array_equal(vec, np.concatenate([t.detach().float().numpy().ravel()
+                                               for t in model.state_dict().values() if t.is_floating_point()]))
+    # a model kept in channels_last by its owner stays so; evaluation leaves it trainable
+    model.to(memory_format=torch.channels_last)
+    predict_proba(model, data)
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    train_epochs(model, data, TrainConfig(epochs=1, batch_size=32))
+    assert model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_proximal_gradient_equals_autograd_of_the_penalty():
+    """train_epochs adds strength·(w − a) to the gradients instead of back-propagating the
+    penalty; one full-batch SGD step must match the autograd version."""
+    data = toy_images(64, 0)
+    strength, lr = 3.0, 0.1
+    anchor = {k: v.detach().clone() for k, v in build_model("cnn", 1, 2, seed=1).named_parameters()}
+    model, ref = build_model("cnn", 1, 2, seed=0), build_model("cnn", 1, 2, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=lr, optimizer="sgd", momentum=0.0, schedule="constant")
+    stats = train_epochs(model, data, cfg, anchor=anchor, anchor_strength=strength)
+    ref.train()
+    loss = torch.nn.functional.cross_entropy(ref(to_tensor(data.images)), torch.from_numpy(data.labels))
+    penalty = 0.5 * strength * sum(((p - anchor[k]) ** 2).sum() for k, p in ref.named_parameters())
+    (loss + penalty).backward()
+    with torch.no_grad():
+        for (k, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p - lr * p.grad, rtol=1e-4, atol=1e-5, msg=k)
+    assert stats["loss"] == pytest.approx(float((loss + penalty).detach()), rel=1e-4)
+
+
+def test_optimizers_are_fused_or_foreach():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("adam", "adamw", "sgd"):
+        d = make_optimizer(p, TrainConfig(optimizer=name)).defaults
+        assert d.get("fused") or d.get("foreach"), name
 
 
 def test_anchor_term_pulls_weights_toward_the_anchor():
@@ -74,7 +134,7 @@ def test_anchor_term_pulls_weights_toward_the_anchor():
         model = build_model("cnn", 1, 2, seed=0)
         train_epochs(model, data, TrainConfig(epochs=2, batch_size=32, lr=3e-3), anchor=anchor,
                      anchor_strength=strength)
-        dist.append(sum(float(((p - anchor[k]) ** 2).sum()) for k, p in model.named_parameters()))
+        dist.append(sum(float(((p.detach() - anchor[k]) ** 2).sum()) for k, p in model.named_parameters()))
     assert dist[1] < 0.5 * dist[0]
 
 
