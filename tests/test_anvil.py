@@ -267,7 +267,7 @@ def test_a_url_that_is_not_an_ethereum_node_is_one_clear_error(body, content_typ
         with pytest.raises(ConnectionError, match="not as an Ethereum JSON-RPC node"):
             connect(url, attempts=1)
         from medchain.cli import main
-        assert main(["ledger", "show", url, "0x" + "11" * 20]) == 2
+        assert main(["ledger", "show", url, "0x" + "11" * 20]) == 1
         err = capsys.readouterr().err
         assert "not as an Ethereum JSON-RPC node" in err and "Traceback" not in err
         assert err.count("\n") == 1                                   # one line
@@ -284,7 +284,7 @@ def test_chain_up_on_a_busy_port_is_an_error_not_success(capsys):
     with AnvilNode(7171) as node:                     # another node holds the port
         with pytest.raises(RuntimeError, match=f"port {node.port} .* already in use"):
             AnvilNode(7171, port=node.port).start()
-        assert main(["chain", "up", "--port", str(node.port)]) == 2
+        assert main(["chain", "up", "--port", str(node.port)]) == 1
         out = capsys.readouterr()
         assert "already in use" in out.err and "Ctrl-C" not in out.out and "http://" not in out.out
         assert connect(node.url).eth.chain_id == 7171          # the other node is untouched

@@ -131,7 +131,7 @@ def test_task_create_refuses_an_unknown_rule_before_deploying(monkeypatch, capsy
     monkeypatch.setenv("TEST_ADMIN_KEY", "0x" + "11" * 32)
     rc = main(["task", "create", "--rpc", "http://127.0.0.1:9", "--key-env", "TEST_ADMIN_KEY",
                "--members", "0x" + "22" * 20, "--classes", "2", "--aggregation", "max"])
-    assert rc == 2 and "unknown aggregation rule 'max'" in capsys.readouterr().err
+    assert rc == 1 and "unknown aggregation rule 'max'" in capsys.readouterr().err
 
 
 def _node_argv(node, address, src, key_env="TEST_NODE_KEY", index=0):
@@ -147,7 +147,7 @@ def test_node_refuses_to_run_for_a_non_member(anvil_node, monkeypatch, capsys, t
     monkeypatch.setenv("TEST_NODE_KEY", anvil_node.dev_keys[8])      # not among the members
     rc = main(_node_argv(anvil_node, address, toy_source(tmp_path)))
     err = capsys.readouterr().err
-    assert rc == 2 and "is not a member of the task" in err and "addMember" in err
+    assert rc == 1 and "is not a member of the task" in err and "addMember" in err
     assert anvil_node.dev_keys[8][2:] not in err                      # the key is never echoed
 
 
@@ -158,7 +158,7 @@ def test_node_refuses_a_task_whose_model_layout_differs(anvil_node, monkeypatch,
     address = _create(anvil_node, monkeypatch, capsys, "--classes", "3")   # the data have 2 classes
     monkeypatch.setenv("TEST_NODE_KEY", anvil_node.dev_keys[1])
     rc = main(_node_argv(anvil_node, address, toy_source(tmp_path)))
-    assert rc == 2 and "model layout mismatch" in capsys.readouterr().err
+    assert rc == 1 and "model layout mismatch" in capsys.readouterr().err
 
 
 def test_node_stops_with_a_clear_error_when_the_rpc_endpoint_stays_down():

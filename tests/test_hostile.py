@@ -253,7 +253,7 @@ def test_task_create_refuses_bad_member_addresses_before_connecting(member, mess
     monkeypatch.setenv("TEST_ADMIN_KEY", "0x" + "11" * 32)
     rc = main(["task", "create", "--rpc", "http://127.0.0.1:9", "--key-env", "TEST_ADMIN_KEY",
                "--members", f"0x{'22' * 20},{member}", "--classes", "2"])
-    assert rc == 2 and message in capsys.readouterr().err
+    assert rc == 1 and message in capsys.readouterr().err
 
 
 def test_create_task_refuses_repeated_members_and_bad_quorum_before_any_transaction():
@@ -284,7 +284,7 @@ def test_task_create_with_a_bad_member_leaves_no_orphan_contract_on_a_node(monke
         before = w3.eth.get_transaction_count(admin)
         rc = main(["task", "create", "--rpc", node.url, "--key-env", "TEST_ADMIN_KEY", "--members",
                    f"{Account.from_key(node.dev_keys[1]).address},0xdead", "--classes", "2", "--model", "lenet"])
-        assert rc == 2 and "'0xdead' is not an address" in capsys.readouterr().err
+        assert rc == 1 and "'0xdead' is not an address" in capsys.readouterr().err
         assert w3.eth.get_transaction_count(admin) == before and w3.eth.block_number == 0
 
 
@@ -294,10 +294,10 @@ def test_simulate_refuses_a_byzantine_index_out_of_range(tmp_path, capsys):
     out = tmp_path / "sim"
     rc = main(["simulate", "--processes", "2", "--byzantine", "9:signflip", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "--byzantine index 9 is out of range" in err and "0..1" in err
+    assert rc == 1 and "--byzantine index 9 is out of range" in err and "0..1" in err
     assert not out.exists()                                     # nothing started, nothing written
     rc = main(["simulate", "--processes", "2", "--byzantine", "1:sideways", "--out", str(out)])
-    assert rc == 2 and "unknown attack 'sideways'" in capsys.readouterr().err
+    assert rc == 1 and "unknown attack 'sideways'" in capsys.readouterr().err
 
 
 def test_run_dir_refuses_a_non_empty_folder_and_a_concurrent_run(tmp_path):
@@ -339,7 +339,7 @@ def test_a_second_simulate_into_a_locked_folder_is_refused(tmp_path, capsys):
         t0 = time.monotonic()
         rc = main(["simulate", "--processes", "2", "--out", str(out)])
         err = capsys.readouterr().err
-        assert rc == 2 and f"in use by another run (process {holder.pid}" in err
+        assert rc == 1 and f"in use by another run (process {holder.pid}" in err
         assert time.monotonic() - t0 < 30
     finally:
         holder.kill()
@@ -348,7 +348,7 @@ def test_a_second_simulate_into_a_locked_folder_is_refused(tmp_path, capsys):
     (out / ".medchain-run.lock").unlink(missing_ok=True)
     (out / "summary.json").write_text("{}")
     rc = main(["simulate", "--processes", "2", "--out", str(out)])
-    assert rc == 2 and "is not empty (summary.json)" in capsys.readouterr().err
+    assert rc == 1 and "is not empty (summary.json)" in capsys.readouterr().err
 
 
 def test_the_drill_caps_sample_counts_at_the_largest_share(tmp_path):
@@ -419,7 +419,7 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path):
         halted = [n.index for n in dep.nodes if not n.running]
         assert halted, "no node noticed the garbage attestation"
         for i in halted:
-            assert dep.nodes[i].proc.returncode == 2
+            assert dep.nodes[i].proc.returncode == 1
             assert "institutions disagree on the global model" in dep.nodes[i].log_tail()
         dep.ledger.remove_member(b.address)
         with pytest.raises(NotAMember):

@@ -1,10 +1,7 @@
 """`medchain train`: the centralized and local-only baselines from the command line."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import pandas as pd
 
 
 def register(sub) -> None:
@@ -27,6 +24,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import json
+
+    import pandas as pd
+
     from medchain.baselines import centralized, local_only, mean_local_only
     from medchain.data import load_dataset, partition
     from medchain.training import TrainConfig
