@@ -1,10 +1,12 @@
-"""Classification metrics, computed with scikit-learn (one place for all of them)."""
+"""Classification metrics, computed with scikit-learn (one place for all of them).
+
+scikit-learn is imported on first use, not with this module: training imports it, and a node
+process should reach its first training step without paying for sklearn's import (~1 s)."""
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -14,6 +16,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     classes present; binary tasks use the positive-class score. AUC is NaN when y_true holds a
     single class (it is undefined there), never an error.
     """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss
+
     y_true = np.asarray(y_true).astype(np.int64).ravel()
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape[0] != y_true.shape[0]:
@@ -39,6 +43,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
 
 def auc_score(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Macro one-vs-rest ROC AUC over classes present in y_true (binary: positive-class score)."""
+    from sklearn.metrics import roc_auc_score
+
     present = np.unique(y_true)
     if present.size < 2:
         return float("nan")

@@ -146,3 +146,14 @@ def test_cosine_schedule_and_config_validation():
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="empty"):
         train_epochs(build_model("cnn", 1, 2, 0), toy_images(0), TrainConfig())
+
+
+def test_importing_training_pulls_in_no_sklearn_or_pandas():
+    """A node process imports training; scikit-learn (metrics) loads on the first evaluation."""
+    import subprocess
+    import sys
+    code = ("import sys, medchain.training\n"
+            "print(','.join(m for m in ('sklearn', 'pandas', 'matplotlib', 'skimage') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
