@@ -399,12 +399,18 @@ class InstitutionNode:
         inst, ledger = self.inst, self.ledger
 
         if self._pending_attest is not None:                 # attest a round already aggregated
-            from medchain.chain import AlreadyAttested
+            from medchain.chain import AlreadyAttested, RoundNotClosed
             r, digest = self._pending_attest
             try:
                 ledger.attest(r, digest)
             except AlreadyAttested:                          # done before a restart or a dropped connection
                 pass
+            except RoundNotClosed:                           # it was closed when this node replayed it
+                raise NodeError(
+                    f"the chain lost blocks: round {r} of ledger {ledger.address} is open again although "
+                    "this node replayed it closed (the chain node was restarted from an older state "
+                    "dump). Restart this node: it rebuilds the global model from what the chain holds "
+                    "now") from None
             except TransactionReverted as exc:
                 self._reverted += 1
                 if self._reverted > 5:
