@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("node", "run one institution of a task on a JSON-RPC node (deployment mode)"),
     "task": ("node", "create a collaborative task on a chain"),
     "simulate": ("node", "an anvil chain plus N institution processes on this machine"),
+    "report": ("report", "regenerate RESULTS.md from the summary.json files under results/"),
 }
 
 #: Errors raised while a command runs that medchain words for the user (they name the problem

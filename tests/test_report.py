@@ -1,0 +1,40 @@
+"""medchain report: RESULTS.md is generated from the summaries, and the committed RESULTS.md is
+exactly what the committed artifacts give (no hand-typed number)."""
+import json
+from pathlib import Path
+
+from medchain import report, stats
+from medchain.results import REPO
+
+
+def _summary(tmp_path, name, claim, seeds, verdicts, commit="abc12345ffff"):
+    d = tmp_path / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"claim": claim, "dataset": "simulated", "verdicts": verdicts,
+                                                "seeds": seeds, "git_commit": commit,
+                                                "parameters": {"quick": False}}))
+
+
+def test_report_tables_come_from_the_summaries(tmp_path):
+    v = stats.claim_verdict("claim 1 (iid): x", [
+        stats.non_inferiority([-0.01, -0.005, 0.0, -0.002, 0.001], 0.02, a="collaborative", b="centralized"),
+        stats.non_inferiority([0.01, 0.02, 0.0, 0.01, 0.02], 0.02, metric="auc", a="collaborative", b="centralized")],
+        deciding_metric="acc")
+    _summary(tmp_path, "full/sim/01", 1, [0, 1, 2, 3, 4], [v])
+    old = {"claim": "claim 2: y", "holds": True, "detail": "0.865 vs 0.878"}
+    _summary(tmp_path, "archive/bm/02", 2, [0], [old], commit="def45678aaaa-dirty")
+    text = report.render(tmp_path)
+    assert "| full/sim/01 | simulated | full | 5 | claim 1 (iid): x | **holds** |" in text
+    d = v["decisions"][0]
+    assert f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points → holds" in text
+    assert "inconclusive (1 seed; the run itself said holds)" in text and "*dirty*" in text
+    assert "Claim 3" in text and "No committed run yet." in text
+    out = report.write(tmp_path, tmp_path / "R.md")
+    assert report.check(tmp_path, out) == []
+    out.write_text(out.read_text().replace("holds", "fails", 1))
+    assert report.check(tmp_path, out)
+
+
+def test_committed_results_md_matches_the_committed_artifacts():
+    diff = report.check(REPO / "results", REPO / "RESULTS.md")
+    assert diff == [], "RESULTS.md is out of date: run `medchain report`\n" + "\n".join(diff[:40])
