@@ -318,3 +318,22 @@ def test_state_interval_keeps_the_chain_through_a_sigkill(tmp_path):
         AnvilNode(7183, state_interval=1)
     with pytest.raises(ValueError, match="whole number"):
         AnvilNode(7183, state_file=kept, state_interval=0.5)
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_two_senders_with_one_key_get_a_clear_nonce_error(monkeypatch):
+    """Another process sent with the same account between our nonce read and our send: the node
+    refuses the stale nonce and the client says what happened instead of a raw 'nonce too low'."""
+    from medchain.chain import LedgerError
+    with AnvilNode(7191) as node:
+        admin, m = [Account.from_key(k) for k in node.dev_keys[:2]]
+        w3 = connect(node.url)
+        ledger = deploy_ledger(w3, admin, "cnn", INIT, 1, {}, members=[m.address], start=True)
+        stale = w3.eth.get_transaction_count(admin.address) - 1
+        real = w3.eth.get_transaction_count
+        monkeypatch.setattr(w3.eth, "get_transaction_count",
+                            lambda a, block="latest": stale if a == admin.address else real(a, block))
+        with pytest.raises(LedgerError, match="same account") as info:
+            ledger.add_member(Account.create().address)
+        assert info.value.reason == "NonceConflict" and admin.address in str(info.value)

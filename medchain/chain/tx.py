@@ -175,12 +175,16 @@ def send_transaction(w3: Web3, account: LocalAccount, tx: dict[str, Any], *,
             # A retry after a dropped connection may find the first attempt already accepted.
             if "already known" in text or "known transaction" in text or "already imported" in text:
                 return
-            if "nonce too low" in text:  # maybe our own first attempt, already mined
-                try:
+            if "nonce too low" in text or "replacement transaction underpriced" in text:
+                try:  # maybe our own first attempt, already mined
                     if w3.eth.get_transaction_receipt(tx_hash) is not None:
                         return
-                except Exception:  # noqa: BLE001 - not ours: report the original error
+                except Exception:  # noqa: BLE001 - not ours
                     pass
+                raise LedgerError(
+                    f"{label} refused a transaction from {account.address} with nonce {nonce} ({text[:80]}): "
+                    "another process sent a transaction with the same account meanwhile. Run one "
+                    "medchain node (or script) per key; this step can be retried", reason="NonceConflict") from None
             raise
     try:
         with_retries(_send, what="eth_sendRawTransaction", label=label)
