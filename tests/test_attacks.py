@@ -304,9 +304,10 @@ def test_lira_on_overfitted_model(mia_split, overfitted):
     """Two targets with swapped roles: A trained on S1, B on S2 (100 images each); candidates
     S1 ∪ S2; 8 shadow models on random halves of the candidates (each candidate in 4), trained
     once and shared by both attacks. Paired check: a candidate's LiRA score is higher under the
-    model that trained on it than under the one that did not, for most candidates (no membership
-    signal: 0.5 +- 0.035; measured 0.74-0.90 over 10 runs with other seeds and batch sizes);
-    and the mean AUC of the two attacks is well above 0.5 (measured 0.76-0.90). ~50 s."""
+    model that trained on it than under the one that did not, for most candidates; and the mean
+    AUC of the two attacks. Without membership signal both are 0.5 +- 0.035. Measured here 0.86
+    and 0.90; with 6 other seeds 0.735-0.865 and 0.76-0.90; with batch size 8 instead of 16 (a
+    stand-in for another CPU's rounding) 0.67-0.90 and 0.66-0.89. ~50 s."""
     pool, perm = mia_split
     s1, s2 = pool.subset(perm[:100]), pool.subset(perm[100:200])
     cand = ImageSet.concat([s1, s2])
@@ -323,5 +324,5 @@ def test_lira_on_overfitted_model(mia_split, overfitted):
     rb = lira_attack(_train_cnn(s2, 1), cand, ~in_s1, train_fn=shadow, n_shadow=8, seed=1)
     assert len(shadows) == 8                        # the same shadows served both attacks
     paired = np.where(in_s1, ra.scores - rb.scores, rb.scores - ra.scores)
-    assert np.mean(paired > 0) > 0.65, (np.mean(paired > 0), ra.as_dict(), rb.as_dict())
-    assert (ra.auc + rb.auc) / 2 > 0.68, (ra.as_dict(), rb.as_dict())
+    assert np.mean(paired > 0) > 0.62, (np.mean(paired > 0), ra.as_dict(), rb.as_dict())
+    assert (ra.auc + rb.auc) / 2 > 0.62, (ra.as_dict(), rb.as_dict())
