@@ -198,7 +198,7 @@ def test_cli_status_and_ledger_show(capsys):
         out = capsys.readouterr().out
         assert f"eip155:7151:{ledger.address}" in out and "cnn-small" in out
         assert "round 0: blocks" in out and out.count("  update  ") == 3
-        assert "mismatches 0" in out and "round 1:" in out
+        assert "mismatches 0" in out and "round 1:" in out and "max samples per update none" in out
     assert _cli(["chain", "status", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
     assert "reachable: no" in capsys.readouterr().out
 

@@ -366,7 +366,7 @@ def test_the_drill_caps_sample_counts_at_the_largest_share(tmp_path):
 # ------------------------------------------------------------------------------ deployment mode
 @pytest.mark.anvil
 @needs_anvil
-def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path):
+def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path, capsys):
     """Three honest `medchain node` processes on anvil and two hostile members driven from here.
     A tries to claim 0 and 2**64-1 samples (refused by the contract), gets a poisoned update in with
     the largest legal count, and is removed before the round closes: its update is withdrawn. B
@@ -434,6 +434,11 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path):
             [(a.address, True), (b.address, False)]
         assert observer.refused[0][0][0] == a.address and "withdrawn" in observer.refused[0][0][1]
         assert all(len(reader.updates(r)) == 3 for r in (1, 2))
+        from medchain.cli import main
+        capsys.readouterr()
+        assert main(["ledger", "show", dep.url, dep.ledger.address]) == 0
+        shown = capsys.readouterr().out
+        assert shown.count("WITHDRAWN") == 1 and f"max samples per update {cap:,}" in shown
 
 
 def test_a_round_whose_only_update_is_refused_leaves_the_model_unchanged_on_every_replica(task):

@@ -134,7 +134,8 @@ def _ledger_show(args: argparse.Namespace) -> int:
     print(f"admin         {t.admin}")
     print(f"model         {t.model_arch}   initial digest {_hex(t.initial_model_digest)}")
     deadline = f"{t.round_deadline_blocks} blocks" if t.round_deadline_blocks else "none"
-    print(f"rounds        {t.n_rounds}   deadline {deadline}   quorum {t.quorum}")
+    cap = "none" if t.max_samples == 2 ** 64 - 1 else f"{t.max_samples:,}"
+    print(f"rounds        {t.n_rounds}   deadline {deadline}   quorum {t.quorum}   max samples per update {cap}")
     print(f"params        {t.params_json}")
     state = "finished" if t.finished else (f"running, round {t.current_round}" if t.started else "not started")
     print(f"state         {state}")
@@ -148,8 +149,9 @@ def _ledger_show(args: argparse.Namespace) -> int:
               + (f", deadline block {info.deadline_block}" if info.deadline_block else ""))
         for u in ledger.updates(info.round):
             where = f"{u.payload_size:,} B inline" if u.payload_size else "payload in blob store"
+            mark = "   <-- WITHDRAWN (member removed before the round closed)" if u.withdrawn else ""
             print(f"  update  {u.sender}  digest {_hex(u.digest)}  values {u.n_values:,}  samples "
-                  f"{u.n_samples:,}  {where}  block {u.block_number}#{u.log_index}")
+                  f"{u.n_samples:,}  {where}  block {u.block_number}#{u.log_index}{mark}")
         atts = ledger.attestations(info.round)
         if atts:
             print(f"  majority digest {_hex(info.majority_digest)}  mismatches {info.mismatches}")
