@@ -146,22 +146,35 @@ def _cli() -> list[str]:
     return [sys.executable, "-c", "import sys; from medchain.cli import main; sys.exit(main())"]
 
 
+# Runs in a small separate interpreter: a child forked straight from this benchmark (torch loaded)
+# would report this process's peak RSS, since Linux carries the pre-exec high-water mark over.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+cmd, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+walls, rss = [], []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    walls.append(time.perf_counter() - t0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} exited {os.waitstatus_to_exitcode(status)}: {err.decode()}")
+    rss.append(usage.ru_maxrss / 1024)
+print(json.dumps({"walls": walls, "rss_mb": rss}))
+"""
+
+
 def time_cli(args: list[str], repeats: int) -> dict:
     """Median wall time and peak RSS (os.wait4, per child) of `medchain <args>`."""
-    walls, rss = [], []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(_cli() + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        walls.append(time.perf_counter() - t0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"medchain {' '.join(args)} exited {proc.returncode}: {proc.stderr.read().decode()}")
-        proc.stderr.close()
-        rss.append(usage.ru_maxrss / 1024)   # KiB on Linux → MiB
-    return {"wall_s_median": statistics.median(walls), "wall_s_all": walls,
-            "peak_rss_mb_max": max(rss), "repeats": repeats}
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, json.dumps(_cli() + args), str(repeats)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing medchain {' '.join(args)} failed: {proc.stderr}")
+    got = json.loads(proc.stdout)
+    return {"wall_s_median": statistics.median(got["walls"]), "wall_s_all": got["walls"],
+            "peak_rss_mb_max": max(got["rss_mb"]), "repeats": repeats}
 
 
 def main() -> None:
