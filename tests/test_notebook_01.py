@@ -35,6 +35,8 @@ def test_notebook_01_quick_run_records_one_seed_and_no_verdict(tmp_path):
     assert summary["chain"]["iid"][0]["ledger_address"] == seed0["ledger_address"]
     assert summary["versions"]["torch"].startswith("2.13") and summary["versions"]["cpu_capability"]
     assert summary["provenance"]["quick"] is True
+    data = summary["data"]
+    assert data["kind"] == "simulated" and len(data["sha256"]) == 64 and data["n_classes"] == 3
     metrics = pd.read_csv(out / "metrics.csv")
     assert {"method", "metric", "value", "partition", "seed"} <= set(metrics.columns)
     assert set(metrics.method) >= {"centralized", "local_only", "collaborative", "majority"}

@@ -19,7 +19,7 @@ def test_notebook_02_quick_run(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["claim"] == 2 and s["seeds"] == [0] and s["parameters"]["quick"] is True
     for key in ("verdicts", "per_theta", "per_seed", "worst_image_psnr", "mean_image_psnr",
-                "mean_image_baseline", "chain", "versions", "git_commit", "provenance"):
+                "mean_image_baseline", "chain", "versions", "git_commit", "provenance", "data"):
         assert key in s, key
     (v,) = s["verdicts"]
     assert v["verdict"] == "inconclusive" and v["holds"] is None and "1 seed" in v["detail"]

@@ -19,7 +19,8 @@ def test_notebook_03_quick_run_records_transfer_and_decides_nothing_on_one_seed(
     s = json.loads((out / "summary.json").read_text())
     assert {"claim", "verdicts", "speedup_rounds_to_target", "final_acc_gain", "per_fraction", "chain_a",
             "chain_b", "bridge_message_ids", "ledger_address", "final_block_hash", "target_runs",
-            "parameters", "seeds", "versions", "git_commit"} <= set(s)
+            "parameters", "seeds", "versions", "git_commit", "provenance", "data"} <= set(s)
+    assert set(s["data"]) == {"source", "target"} and len(s["data"]["target"]["sha256"]) == 64
     assert s["claim"] == 3 and s["parameters"]["quick"] is True
     fractions = [f"{f:g}" for f in s["parameters"]["fractions"]]
     assert "0.05" in fractions and set(s["per_fraction"]) == set(fractions)

@@ -22,7 +22,7 @@ def test_notebook_04_quick(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["claim"] == 4 and s["seeds"] == [0]
     for key in ("verdicts", "settings", "per_seed", "chain", "parameters", "versions", "git_commit",
-                "local_coordinates_never_shared", "runtime_s", "provenance"):
+                "local_coordinates_never_shared", "runtime_s", "provenance", "data"):
         assert key in s, key
     assert s["parameters"]["quick"] is True
     assert s["local_coordinates_never_shared"] is True
