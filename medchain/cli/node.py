@@ -40,9 +40,19 @@ NONNEG_FLOAT = _number(float, low=0)
 FRACTION = _number(float, low=0, high=1, low_open=True)
 
 
+#: The defaults of medchain.protocol.CollabConfig that the options below show, written out so that
+#: registering them (``medchain node|task|simulate --help``) does not import torch and web3; kept
+#: equal to CollabConfig by tests/test_cli.py.
+TRAINING_DEFAULTS: dict = {
+    "local_epochs": 1, "batch_size": 32, "lr": 2e-3, "lr_floor": 0.02, "optimizer": "adam",
+    "weight_decay": 0.0, "prox_mu": 0.0, "server_lr": 1.0, "server_momentum": 0.0, "aggregation": "mean",
+    "theta_u": 1.0, "theta_d": 1.0, "model": "cnn", "seed": 0, "max_inline_bytes": 64_000,
+    "max_abs_update": 1e3, "max_samples": None, "bn_recalibrate": True,
+}
+
+
 def _add_training_args(p: argparse.ArgumentParser, rounds_default: int) -> None:
-    from medchain.protocol import CollabConfig
-    d = CollabConfig()
+    d = argparse.Namespace(**TRAINING_DEFAULTS)
     g = p.add_argument_group("training parameters (recorded on chain in the task params)")
     g.add_argument("--rounds", type=POS_INT, default=rounds_default)
     g.add_argument("--local-epochs", type=POS_INT, default=d.local_epochs)
@@ -63,11 +73,11 @@ def _add_training_args(p: argparse.ArgumentParser, rounds_default: int) -> None:
     g.add_argument("--seed", type=_number(int, low=0, high=2 ** 63, high_open=True), default=d.seed)
     g.add_argument("--max-inline-bytes", type=NONNEG_INT, default=d.max_inline_bytes)
     g.add_argument("--max-abs-update", type=POS_FLOAT, default=d.max_abs_update)
-    g.add_argument("--max-samples", type=_number(int, low=1, high=2 ** 64, high_open=True), default=None,
+    g.add_argument("--max-samples", type=_number(int, low=1, high=2 ** 64, high_open=True), default=d.max_samples,
                    help="cap on the sample count an update may report (the ledger refuses 0 and more); "
                         "set it near the largest member's training set, above all with rule mean "
                         "(simulate: default the largest share; task create: default none)")
-    g.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false")
+    g.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false", default=d.bn_recalibrate)
     g.add_argument("--deadline-blocks", type=NONNEG_INT, default=0,
                    help="after D blocks anyone may close a round that has --quorum updates (0: no deadline)")
     g.add_argument("--quorum", type=POS_INT, default=None, help="default: every member")
