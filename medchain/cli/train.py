@@ -1,6 +1,12 @@
-"""`medchain train`: the centralized and local-only baselines from the command line."""
+"""`medchain train`: the centralized and local-only baselines from the command line.
+
+With ``--out FILE.csv`` it writes a tidy table (one row per measurement: method, model_of,
+eval_on, metric, value) and, beside it, ``FILE.json`` with the headline numbers, the parameters,
+the seed, the data's provenance, package versions and the git commit.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -18,18 +24,54 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="folder for metrics.csv and summary.json")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.csv",
+                   help="write the tidy metrics here and the run's record (parameters, seed, data "
+                        "provenance, versions) to FILE.json beside it; relative to the current folder")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """(csv, json) for ``--out``, checked before any training: the name ends in .csv, is not a
+    folder, and its folder exists (it is created) and accepts a new file. Raises RuntimeError
+    naming the problem and the fix."""
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".csv":
+        raise RuntimeError(f"--out {out}: give a file name ending in .csv (e.g. --out results/train.csv); "
+                           "the run's record is written beside it with the suffix .json")
+    if out.is_dir():
+        raise RuntimeError(f"--out {out} is a folder: give a file name ending in .csv inside it")
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"--out {out}: cannot create the folder {folder} ({exc.strerror or exc}); "
+                           "choose an --out in a folder you can write to") from exc
+    if not folder.is_dir():
+        raise RuntimeError(f"--out {out}: {folder} is not a folder; choose an --out in a folder you can write to")
+    probe = folder / f".medchain-write-test-{os.getpid()}"
+    try:                      # os.access is not enough: root, read-only mounts, ACLs
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"--out {out}: cannot write to the folder {folder} ({exc.strerror or exc}); "
+                           "choose an --out in a folder you can write to") from exc
+    for path in (out, out.with_suffix(".json")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise RuntimeError(f"--out {out}: {path} exists and is not writable; remove it or choose another --out")
+    return out, out.with_suffix(".json")
+
+
 def run(args) -> int:
+    paths = output_paths(args.out) if args.out is not None else None   # before loading or training
+
     import json
 
     import pandas as pd
 
     from medchain.baselines import centralized, local_only, mean_local_only
-    from medchain.data import load_dataset, partition
+    from medchain.data import data_provenance, load_dataset, partition
+    from medchain.results import tidy, write_metrics, write_summary
     from medchain.training import TrainConfig
 
     ds = load_dataset(args.data)
@@ -45,15 +87,19 @@ def run(args) -> int:
     table = pd.DataFrame(rows)
     pooled = table[table.eval_on == "pooled"]
     print(pooled[["method", "model_of", "acc", "balanced_acc", "auc"]].to_string(index=False))
-    summary = {"data": ds.source, "partition": args.partition, "institutions": len(insts),
-               "config": cfg.to_dict(), "model": args.model}
+    summary = {}
     if args.mode in ("centralized", "both"):
         summary["centralized_acc"] = float(pooled[pooled.method == "centralized"].acc.iloc[0])
     if args.mode in ("local", "both"):
         summary["mean_local_only_acc"] = mean_local_only(rows)
-    print(json.dumps({k: v for k, v in summary.items() if k.endswith("acc")}, indent=1))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out / "metrics.csv", index=False)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    if paths is not None:
+        csv_path, json_path = paths
+        write_metrics(tidy(table), csv_path)
+        params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                  if k not in ("func", "command", "quiet")}
+        summary.update({"institutions": len(insts), "config": cfg.to_dict(), "data": data_provenance(ds),
+                        "metrics_csv": csv_path.name})
+        write_summary(summary, json_path, params=params, seed=args.seed)
+        print(f"wrote {csv_path} and {json_path}")
     return 0
