@@ -194,3 +194,42 @@ def test_local_epochs_for_scarce_data():
     insts = split_institutions(src, 3, fraction=0.1, seed=0)      # ~7 images each: 1 step per epoch
     assert local_epochs_for(insts, 32, 8) == 8
     assert local_epochs_for(split_institutions(src, 3, seed=0), 32, 2) == 1
+
+
+def _rgb_npz(path, n_classes=5, seed=0, size=28):
+    """A small RetinaMNIST-like .npz: RGB uint8 images, `n_classes` classes."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for s, n in (("train", 60), ("val", 20), ("test", 20)):
+        arrays[f"{s}_images"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        arrays[f"{s}_labels"] = (np.arange(n) % n_classes).reshape(-1, 1)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_grey_source_and_rgb_target_share_three_channels(tmp_path):
+    # before: "the source has 1 image channel(s), the target 3" stopped notebook 03 on RetinaMNIST
+    src, tgt = make_tasks("simulated", _rgb_npz(tmp_path / "colour.npz"), source_n=300, source_sites=3)
+    assert src.n_channels == tgt.n_channels == 3 and tgt.n_classes == 5
+    assert src.train.images.shape[1:] == (28, 28, 3) and src.source.endswith(";rgb")
+    assert np.array_equal(src.train.images[..., 0], src.train.images[..., 2])   # the grey channel repeated
+    grey, _ = _tasks()
+    assert np.array_equal(src.train.images[..., 1], grey.train.images)
+    assert src.origin == grey.origin                                              # provenance kept
+    model = build_model(MODEL, src.n_channels, tgt.n_classes, 0)
+    from medchain.training import predict_proba
+    assert predict_proba(model, tgt.test).shape == (20, 5)
+
+
+def test_same_images_as_source_and_target_are_refused(tmp_path):
+    path = _rgb_npz(tmp_path / "colour.npz")
+    with pytest.raises(ValueError, match="same images"):
+        make_tasks(path, path)
+    with pytest.raises(ValueError, match="same image size"):
+        make_tasks("simulated", _rgb_npz(tmp_path / "big.npz", size=32), source_n=300, source_sites=3)
+
+
+def test_relabel_keeps_provenance():
+    _, tgt = make_tasks(source_n=300, source_sites=3, target_n=240, target_label_map=(0, 0, 1))
+    _, orig = _tasks()
+    assert tgt.origin == orig.origin and tgt.origin

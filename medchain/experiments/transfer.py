@@ -33,8 +33,10 @@ window) with another lesion mix (``class_probs``, default more malignant nodules
 population). Related, but shifted in both images and labels; ``target_label_map`` gives the
 target another label definition too (e.g. malignant vs not), and :func:`source_on_target` scores
 the source model as it is on the target, to show how far apart the tasks are. Real data: any two
-MedMNIST sets with the same number of channels (e.g. source ``pneumoniamnist``, target
-``breastmnist``); the number of classes may differ, because the head is never transferred.
+different MedMNIST sets of the same image size (e.g. source ``pneumoniamnist``, target
+``breastmnist``); the number of classes may differ, because the head is never transferred. A grey
+set paired with an RGB one (e.g. the simulated source and target ``retinamnist``) has its grey
+channel repeated over three (:func:`grey_to_rgb`).
 
 Chain identities: in-process chains all share one chain id and start with the same funded
 accounts, so the same contract address can appear on two of them; here chain B's bridge is
@@ -57,7 +59,7 @@ from medchain import stats
 from medchain.blobstore import BlobStore, MemoryBlobStore
 from medchain.crosschain import (BridgeClient, MemberSigner, RelayResult, Relayer, deploy_bridge,
                                  parse_model_payload, publish_global_model, receive)
-from medchain.data import Dataset, ImageSet, InstitutionData, partition
+from medchain.data import Dataset, ImageSet, InstitutionData, content_sha256, partition
 from medchain.models import build_model
 from medchain.params import Layout
 from medchain.protocol import CollabConfig, CollabResult, run_collaborative
@@ -65,7 +67,7 @@ from medchain.transfer import l2sp_anchor, warm_start
 
 __all__ = [
     "METHODS", "METHOD_LABELS", "SourceTask", "TargetChain", "TransferSweep",
-    "make_tasks", "relabel", "split_institutions", "train_source", "source_on_target",
+    "make_tasks", "grey_to_rgb", "relabel", "split_institutions", "train_source", "source_on_target",
     "open_target_chain", "genesis_hash", "bridge_transfer",
     "local_epochs_for", "receive_source_model", "run_target", "run_sweep",
     "rounds_to", "per_seed_table", "summarize", "plot_curves", "plot_vs_fraction",
@@ -95,6 +97,8 @@ def make_tasks(source: str = "simulated", target: str = "simulated", *, source_n
     :func:`~medchain.data.load_dataset` (a MedMNIST flag, an .npz path, an image folder).
     target_label_map: another label definition for the target, ``new label = map[old label]``
     (e.g. ``(0, 0, 1)``: malignant vs not, a binary task on the simulated data).
+    A grey set paired with an RGB one is lifted to RGB (:func:`grey_to_rgb`); two loaded sets with
+    the same images, or images of different sizes, raise ValueError.
     """
     from medchain.data import load_dataset, simulate_ct
     if source == "simulated":
@@ -112,13 +116,33 @@ def make_tasks(source: str = "simulated", target: str = "simulated", *, source_n
         tgt.name = "simulated_ct_target"
     else:
         tgt = load_dataset(target)
+    if source != "simulated" and target != "simulated" and content_sha256(src) == content_sha256(tgt):
+        raise ValueError(f"source {source!r} and target {target!r} hold the same images: the source model "
+                         "would have trained on the target's training data, so transfer would look better "
+                         "than it can be; pick two different data sets (or target=\"simulated\")")
     if target_label_map is not None:
         tgt = relabel(tgt, target_label_map)
-    if src.train.n_channels != tgt.train.n_channels:
-        raise ValueError(f"the source has {src.train.n_channels} image channel(s), the target "
-                         f"{tgt.train.n_channels}: the feature extractor cannot be transferred; pick two "
-                         "data sets with the same number of channels")
+    if src.image_shape[:2] != tgt.image_shape[:2]:
+        raise ValueError(f"the source's images are {src.image_shape[0]}×{src.image_shape[1]}, the target's "
+                         f"{tgt.image_shape[0]}×{tgt.image_shape[1]}: pick two data sets of the same image size")
+    if src.n_channels != tgt.n_channels:
+        if sorted((src.n_channels, tgt.n_channels)) != [1, 3]:
+            raise ValueError(f"the source has {src.n_channels} image channel(s), the target "
+                             f"{tgt.n_channels}: the feature extractor cannot be transferred; pick two "
+                             "data sets with the same number of channels (or one grey and one RGB)")
+        src, tgt = (grey_to_rgb(d) if d.n_channels == 1 else d for d in (src, tgt))
     return src, tgt
+
+
+def grey_to_rgb(ds: Dataset) -> Dataset:
+    """``ds`` with each grey image repeated over three channels (uint8 (N, H, W, 3)), so that a grey
+    data set and an RGB one share a feature extractor. The source string records it (``;rgb``)."""
+    if ds.n_channels != 1:
+        raise ValueError(f"{ds.name} has {ds.n_channels} channels, not 1 (grey)")
+    split = lambda s: ImageSet(np.repeat(s.images[..., None], 3, axis=-1), s.labels, s.site)  # noqa: E731
+    return Dataset(name=ds.name, train=split(ds.train), val=split(ds.val), test=split(ds.test),
+                   n_classes=ds.n_classes, class_names=list(ds.class_names), source=f"{ds.source};rgb",
+                   origin=dict(ds.origin))
 
 
 def relabel(ds: Dataset, label_map: Sequence[int]) -> Dataset:
@@ -134,7 +158,8 @@ def relabel(ds: Dataset, label_map: Sequence[int]) -> Dataset:
     new_names = [" + ".join(names[c] for c in range(ds.n_classes) if lm[c] == j) for j in range(k)]
     split = lambda s: ImageSet(s.images, lm[s.labels], s.site)  # noqa: E731
     return Dataset(name=ds.name, train=split(ds.train), val=split(ds.val), test=split(ds.test), n_classes=k,
-                   class_names=new_names, source=f"{ds.source};labels={'/'.join(map(str, lm))}")
+                   class_names=new_names, source=f"{ds.source};labels={'/'.join(map(str, lm))}",
+                   origin=dict(ds.origin))
 
 
 def split_institutions(ds: Dataset, institutions: int | None = None, *, fraction: float = 1.0,
