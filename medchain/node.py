@@ -244,6 +244,8 @@ class NodeResult:
     wall_s: float
     timings: dict
     peak_rss_mb: float
+    startup_cpu_s: float | None = None   # CPU seconds (user + system) this process used up to its first training step
+    pss_mb: float | None = None          # proportional set size at the end (shared library pages split among sharers)
 
 
 def _process_start_epoch() -> float:
@@ -273,6 +275,37 @@ def _proc_peak_rss_mb(pid: int | None) -> float | None:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) used by this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _pss_mb() -> float | None:
+    """This process's proportional set size (MB): its private pages plus its share of the pages it
+    shares (torch's code with the other nodes), so summing it over processes counts memory once.
+    None where /proc/self/smaps_rollup is unavailable."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def val_accuracy(model, val) -> float:
+    """ACC of ``model`` on ``val`` (NaN when empty), computed here rather than with
+    :func:`medchain.training.evaluate`: a node logs only ACC, and evaluate's scikit-learn would load
+    sklearn, scipy and pandas into every node process (~0.8 s CPU and ~100 MB)."""
+    from medchain.training import predict_proba
+
+    if len(val) == 0:
+        return float("nan")
+    pred = predict_proba(model, val).argmax(axis=1)
+    return float(np.mean(pred == np.asarray(val.labels).ravel()))
 
 
 class InstitutionNode:
@@ -316,6 +349,7 @@ class InstitutionNode:
         self._t0 = time.perf_counter()
         self._process_start = _process_start_epoch()
         self._first_train: float | None = None
+        self._first_train_cpu: float | None = None
         self._round_marks = {"train": 0.0, "chain": 0.0, "wait": 0.0}
         self._chain_s = 0.0
         self._wait_s = 0.0
@@ -449,7 +483,7 @@ class InstitutionNode:
         if r not in self._submitted:                         # round r open, not submitted yet
             if self._delta is None or self._delta[0] != r:
                 if self._first_train is None:
-                    self._first_train = time.time()
+                    self._first_train, self._first_train_cpu = time.time(), _cpu_s()
                     log.info("first training step %.1f s after process start",
                              self._first_train - self._process_start)
                 self._delta = (r, inst.train_round(r))
@@ -515,13 +549,12 @@ class InstitutionNode:
 
     def _log_round(self, r: int, digest: bytes) -> None:
         from medchain.params import load_flat
-        from medchain.training import evaluate
         inst = self.inst
         n_updates = self.ledger.submitted_count(r)          # chain reads first: a retry repeats them
         submitted = r in self._submitted or self.ledger.has_submitted(r, self.me)
         t = time.perf_counter()
         load_flat(inst.model, inst.global_vec, inst.layout)
-        acc = float(evaluate(inst.model, self.data.val)["acc"]) if len(self.data.val) else float("nan")
+        acc = val_accuracy(inst.model, self.data.val)
         self._eval_s += time.perf_counter() - t
         refused = inst.refused.get(r, [])
         tm = inst.timings
@@ -583,7 +616,8 @@ class InstitutionNode:
         res = NodeResult(self.me, self.data.index, self.ledger.address, digest, self.records,
                          self.replayed_at_start, self.ready_s,
                          None if self._first_train is None else round(self._first_train - self._process_start, 3),
-                         round(time.perf_counter() - self._t0, 3), timings, round(_peak_rss_mb(), 1))
+                         round(time.perf_counter() - self._t0, 3), timings, round(_peak_rss_mb(), 1),
+                         None if self._first_train_cpu is None else round(self._first_train_cpu, 3), _pss_mb())
         log.info("task over: final global %s…, %d round(s) logged, %.1f s, peak RSS %.0f MB", digest[:16],
                  len(self.records), res.wall_s, res.peak_rss_mb)
         self._write_metrics({"event": "final", **{k: v for k, v in asdict(res).items() if k != "rounds"}})
@@ -925,7 +959,9 @@ class Deployment:
             "chain_overhead_pct": round(100 * chain / busy, 2) if busy else None,
             "ready_s": {str(f["institution"]): f["ready_s"] for f in finals},
             "startup_s": {str(f["institution"]): f["startup_s"] for f in finals},
+            "startup_cpu_s": {str(f["institution"]): f.get("startup_cpu_s") for f in finals},
             "peak_rss_mb": {str(f["institution"]): f["peak_rss_mb"] for f in finals},
+            "pss_mb": {str(f["institution"]): f.get("pss_mb") for f in finals},
             "first_round_closed_s": first_close,
             "anvil_peak_rss_mb": _proc_peak_rss_mb(getattr(getattr(self.chain, "_proc", None), "pid", None)),
         }
