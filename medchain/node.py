@@ -274,7 +274,9 @@ def _proc_peak_rss_mb(pid: int | None) -> float | None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory (MB): VmHWM, which starts afresh at exec. (ru_maxrss
+    keeps the high-water mark of the process that forked this one, e.g. a torch-loaded drill.)"""
+    return _proc_peak_rss_mb(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _cpu_s() -> float:
