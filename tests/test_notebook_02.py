@@ -41,3 +41,26 @@ def test_notebook_02_quick_run(tmp_path):
                  "reconstructions", "reconstructions_protocol"):
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
+
+
+@pytest.mark.slow
+def test_notebook_02_quick_run_on_colour_retinamnist(tmp_path):
+    """RGB images with 5 classes (RetinaMNIST) go through training, the attacks and the RGB
+    reconstruction figures (before: one (28, 28, 3) image was read as 28 grey images). ~1.5 min."""
+    from conftest import SHARED_MEDMNIST
+    path = SHARED_MEDMNIST / "retinamnist.npz"
+    if not path.exists():
+        pytest.skip(f"real RetinaMNIST not found at {path} (only on the project's machines)")
+    run_notebook(NOTEBOOK, tmp_path, quick=True, parameters={"source": str(path)}, progress=False)
+    out = tmp_path / "02_partial_update_privacy"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"]["n_channels"] == 3 and s["data"]["n_classes"] == 5
+    assert s["data"]["image_shape"] == [28, 28, 3] and s["data"]["official_md5"] is True
+    (v,) = s["verdicts"]
+    assert v["verdict"] == "inconclusive" and "1 seed" in v["detail"]
+    psnr = s["per_seed"][0]["worst_case_mask_aware_psnr"]
+    assert set(psnr) == {"1", "0.1", "0.01"} and all(0 < p < 100 for p in psnr.values())
+    m = pd.read_csv(out / "metrics.csv")
+    assert set(m.measure) == {"utility", "inversion", "membership"}
+    for stem in ("reconstructions", "reconstructions_protocol"):
+        assert (out / f"{stem}.png").stat().st_size > 1000, stem
