@@ -219,6 +219,8 @@ def test_grey_source_and_rgb_target_share_three_channels(tmp_path):
     model = build_model(MODEL, src.n_channels, tgt.n_classes, 0)
     from medchain.training import predict_proba
     assert predict_proba(model, tgt.test).shape == (20, 5)
+    src2, tgt2 = make_tasks(_rgb_npz(tmp_path / "colour.npz"), "simulated", target_n=240)   # and the other way
+    assert src2.n_channels == tgt2.n_channels == 3 and tgt2.source.endswith(";rgb")
 
 
 def test_same_images_as_source_and_target_are_refused(tmp_path):
