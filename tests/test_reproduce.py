@@ -169,3 +169,76 @@ def test_verdict_table_reads_the_verdict_schema(tmp_path):
     table = verdict_table({"01": new, "02": old})
     assert table.verdict.tolist() == ["holds", "fails", "inconclusive (interval too wide: 1 seed)", "NO"]
     assert table.claim.tolist() == ["a", "b", "c", "d"] and table.notebook.tolist() == ["01"] * 3 + ["02"]
+
+
+# ------------------------------------------------------------------ cost estimate of a full run
+from medchain import reproduce as rp  # noqa: E402
+
+RATES = {"train_images_per_s": 800.0, "chain_tx_per_s": 40.0}
+
+
+def test_work_seconds_is_training_plus_two_transactions_per_member_and_round():
+    w = rp.Work(train_images=8000, chain_rounds=10, institutions=5)
+    assert rp.work_seconds(w, RATES) == pytest.approx(8000 / 800 + 10 * 2 * 5 / 40)
+
+
+def test_n_train_images_from_the_source_parameter():
+    assert rp.n_train_images("simulated", 10000) == 7000
+    assert rp.n_train_images("breastmnist") == 546 and rp.n_train_images("medmnist:breastmnist") == 546
+    assert rp.n_train_images("/data/mine.npz") is None
+
+
+def test_cost_models_count_passes_from_the_parameters():
+    p01 = {"source": "simulated", "sim_n": 1000, "partitions": ["iid", "sites"], "institutions": 5,
+           "rounds": 4, "local_epochs": 2, "baseline_epochs": None, "with_reference": True, "seeds": [0, 1]}
+    w = rp._work_01(p01)   # 2 seeds × 2 partitions × 700 images × (8 collaborative + 8 reference + 2 × 8 baselines)
+    assert (w.train_images, w.chain_rounds, w.institutions) == (2 * 2 * 700 * 32, 2 * 2 * 4, 5)
+    assert rp._work_01({**p01, "with_reference": False, "baseline_epochs": 1}).train_images == 2 * 2 * 700 * 10
+    assert rp._work_01({**p01, "seeds": None}).train_images == rp.DEFAULT_SEEDS / 2 * w.train_images
+    assert rp._work_01({**p01, "source": "x.npz"}) is None
+    # 03: 140 target training images × 0.1 over 2 institutions = 7 each: one step of 32 an epoch, so 8
+    # epochs for 8 steps a round
+    p03 = {"source": "simulated", "source_n": 1000, "target": "simulated", "target_n": 200, "target_sites": 2,
+           "target_institutions": None, "source_rounds": 3, "source_local_epochs": 1, "fractions": [0.1],
+           "methods": ["none", "l2sp"], "seeds": [0], "rounds": 2, "min_local_steps": 8, "batch_size": 32}
+    w = rp._work_03(p03)
+    assert w.train_images == 700 * 3 + 2 * (2 * 8 * 7 * 2) and w.chain_rounds == 3 + 2 * 2
+    assert rp._privacy_runs({"thetas": [1, 0.5, 0.1], "rules": ["largest", "random"]}) == 5
+
+
+def test_estimate_of_the_real_notebooks_and_its_text():
+    books = rp.list_notebooks()
+    rows = rp.estimate(books, list(books), rates=RATES)
+    assert [r["notebook"] for r in rows] == [p.name for p in books.values()]
+    assert all(r["seconds"] > 600 for r in rows), rows          # full defaults: well beyond quick mode
+    one = rp.estimate(books, ["01"], {"seeds": [0]}, rates=RATES)[0]
+    assert one["seconds"] == pytest.approx(rows[0]["seconds"] / rp.DEFAULT_SEEDS)
+    assert rp.estimate(books, ["01"], {"source": "some/file.npz"}, rates=RATES)[0]["work"] is None
+    text = rp.format_estimate(rows + [{"notebook": "05_new.ipynb", "work": None, "seconds": None}], RATES, jobs=2)
+    assert "05_new.ipynb: no estimate" in text and "total: ~" in text and "800 images/s" in text
+    assert text.count(" of one core (") == len(rows)
+
+
+def test_measured_rates_read_the_benchmark_results(tmp_path):
+    rates = rp.measured_rates()
+    assert rates["train_images_per_s"] > 0 and rates["chain_tx_per_s"] > 0
+    with pytest.raises(FileNotFoundError, match="bench_training.py"):
+        rp.measured_rates(tmp_path)
+
+
+def test_cli_prints_the_estimate_before_a_full_run_only(monkeypatch, capsys):
+    import pandas as pd
+
+    from medchain.cli import main
+
+    def fake(**kw):
+        print("RUN quick" if kw["quick"] else "RUN full")
+        return pd.DataFrame(columns=["notebook", "claim", "verdict", "detail"])
+    monkeypatch.setattr(rp, "reproduce", fake)
+    assert main(["reproduce", "--only", "01,03", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("estimated cost") < out.index("RUN full")
+    assert "01_centralized_vs_collaborative.ipynb: ~" in out and "03_cross_chain_transfer.ipynb: ~" in out
+    assert "04_personalization" not in out
+    assert main(["reproduce", "--quick", "--only", "01"]) == 0
+    assert "estimated cost" not in capsys.readouterr().out
