@@ -6,23 +6,7 @@ import signal
 import sys
 import time
 
-
-def _checked(kind, ok, what: str):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
-
-
-_count = _checked(int, lambda v: v >= 1, ">= 1")
-_port = _checked(int, lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]")
+from medchain.cli._args import PORT as _port, POS_INT as _count
 
 
 def register(subparsers) -> None:

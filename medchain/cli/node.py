@@ -9,36 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-
-def _number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-            high_open: bool = False):
-    """An argparse ``type`` that parses ``kind`` (int or float) and checks the range at parse time, so a
-    bad value is a clear usage error (exit 2) before anything starts."""
-    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
-    span = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if kind is float and v != v or v in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if (low is not None and (v < low or (low_open and v == low))) or \
-                (high is not None and (v > high or (high_open and v == high))):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be in {span}")
-        return v
-    parse.__name__ = kind.__name__       # argparse names the type in its messages
-    return parse
-
-
-POS_INT = _number(int, low=1)
-NONNEG_INT = _number(int, low=0)
-POS_FLOAT = _number(float, low=0, low_open=True)
-NONNEG_FLOAT = _number(float, low=0)
-FRACTION = _number(float, low=0, high=1, low_open=True)
-
+from medchain.cli._args import FRACTION, NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, number as _number
 
 #: The defaults of medchain.protocol.CollabConfig that the options below show, written out so that
 #: registering them (``medchain node|task|simulate --help``) does not import torch and web3; kept
