@@ -97,6 +97,37 @@ def verdict_lines(run: dict) -> list[str]:
     return rows
 
 
+def _desc(d: dict) -> str:
+    """"0.861 [0.842, 0.880]" from a medchain.stats.describe dict (interval omitted for one seed)."""
+    if d.get("ci_low") is None:
+        return f"{d['mean']:.3f}"
+    return f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
+def score_lines(run: dict) -> list[str]:
+    """Absolute scores of a multi-seed run (mean [95 % CI] over seeds), where its summary has them:
+    claim 1 per partition and method, claim 2 per θu and rule, claim 3 per fraction and method."""
+    s, rows = run["summary"], []
+    metrics = ("acc", "balanced_acc", "auc")
+    if s["claim"] == 1 and isinstance(s.get("partitions"), dict):
+        for part, p in s["partitions"].items():
+            for method, m in (p.get("methods") or {}).items():
+                if all(k in m for k in metrics):
+                    rows.append(f"| {run['run']} | {part} | {method} | " + " | ".join(_desc(m[k]) for k in metrics) + " |")
+    elif s["claim"] == 2 and isinstance(s.get("per_theta"), dict):
+        for key, m in s["per_theta"].items():
+            if isinstance(m, dict) and all(k in m and isinstance(m[k], dict) and "mean" in m[k] for k in metrics):
+                rows.append(f"| {run['run']} | θu/rule {key} | collaborative | " + " | ".join(_desc(m[k]) for k in metrics) + " |")
+    elif s["claim"] == 3 and isinstance(s.get("per_fraction"), dict):
+        for frac, e in s["per_fraction"].items():
+            for method, m in e.items():
+                if isinstance(m, dict) and "final_acc_mean" in m:
+                    rows.append(f"| {run['run']} | {float(frac):.0%} target data | {method} | "
+                                f"{m['final_acc_mean']:.3f} ± {m.get('final_acc_std', 0.0):.3f} (SD) | – | "
+                                f"{m.get('final_auc_mean', float('nan')):.3f} |")
+    return rows
+
+
 def render(root: str | Path) -> str:
     """RESULTS.md's text from every claim summary under `root` (usually results/)."""
     runs = load_runs(root)
@@ -115,6 +146,12 @@ def render(root: str | Path) -> str:
             out.append(head)
             out.extend(line for r in multi for line in verdict_lines(r))
             out.append("")
+            scores = [line for r in multi for line in score_lines(r)]
+            if scores:
+                out.append("Scores on the test data, mean [95 % CI] over seeds:\n")
+                out.append("| run | setting | method | ACC | balanced ACC | AUC |\n|---|---|---|---|---|---|")
+                out.extend(scores)
+                out.append("")
         else:
             out.append("No multi-seed run committed yet: nothing below decides this claim.\n")
         if single:

@@ -38,3 +38,16 @@ def test_report_tables_come_from_the_summaries(tmp_path):
 def test_committed_results_md_matches_the_committed_artifacts():
     diff = report.check(REPO / "results", REPO / "RESULTS.md")
     assert diff == [], "RESULTS.md is out of date: run `medchain report`\n" + "\n".join(diff[:40])
+
+
+def test_report_lists_claim_1_scores_per_method(tmp_path):
+    d = tmp_path / "full/bm/01"
+    d.mkdir(parents=True)
+    v = stats.claim_verdict("claim 1 (iid): x", [stats.non_inferiority([0.0, 0.01, -0.01], 0.02)],
+                            deciding_metric="acc")
+    methods = {"centralized": {k: stats.describe([0.80, 0.82, 0.81]) for k in ("acc", "balanced_acc", "auc")}}
+    (d / "summary.json").write_text(json.dumps({"claim": 1, "dataset": "bm", "verdicts": [v], "seeds": [0, 1, 2],
+                                                "git_commit": "abc", "partitions": {"iid": {"methods": methods}}}))
+    text = report.render(tmp_path)
+    c = methods["centralized"]["acc"]
+    assert f"| full/bm/01 | iid | centralized | 0.810 [{c['ci_low']:.3f}, {c['ci_high']:.3f}] |" in text
