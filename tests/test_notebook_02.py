@@ -46,7 +46,8 @@ def test_notebook_02_quick_run(tmp_path):
 @pytest.mark.slow
 def test_notebook_02_quick_run_on_colour_retinamnist(tmp_path):
     """RGB images with 5 classes (RetinaMNIST) go through training, the attacks and the RGB
-    reconstruction figures (before: one (28, 28, 3) image was read as 28 grey images). ~1.5 min."""
+    reconstruction figures (before: one (28, 28, 3) image was read as 28 grey images). About 1 min
+    of CPU (1.5–2 min wall on 2 busy cores)."""
     from conftest import SHARED_MEDMNIST
     path = SHARED_MEDMNIST / "retinamnist.npz"
     if not path.exists():
