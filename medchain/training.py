@@ -132,7 +132,8 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
         named = dict(model.named_parameters())
         # anchors copied once into each parameter's own layout (channels_last for conv weights)
         anchored = [(named[k], torch.empty_like(named[k]).copy_(v.detach()))
-                    for k, v in (anchor or {}).items() if k in named] if anchor_strength > 0 else []
+                    for k, v in (anchor or {}).items()
+                    if k in named and named[k].requires_grad] if anchor_strength > 0 else []   # frozen: untouched
         weights, anchors = [w for w, _ in anchored], [a for _, a in anchored]
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(data), generator=gen)

@@ -157,3 +157,16 @@ def test_importing_training_pulls_in_no_sklearn_or_pandas():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_anchor_never_moves_a_frozen_parameter(one_thread):
+    """The proximal gradient is added only to trainable tensors: a frozen layer with an anchor far
+    away stays exactly where it was (a head-only fine-tune with L2-SP must not move the body)."""
+    model = build_model("cnn", 1, 2, 0, width=8)
+    frozen = next(n for n, p in model.named_parameters() if p.ndim == 4)
+    before = dict(model.named_parameters())[frozen].detach().clone()
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    anchor = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+    train_epochs(model, toy_images(64), TrainConfig(epochs=1, batch_size=16, lr=1e-2), anchor=anchor,
+                 anchor_strength=10.0)
+    assert torch.equal(dict(model.named_parameters())[frozen].detach(), before)
