@@ -17,6 +17,8 @@ Each :class:`Institution` holds only its own private data. One round ``r``:
 The same :class:`Institution` code runs in one process (simulation, :func:`run_collaborative`) or one
 process per hospital (deployment). :class:`MemoryLedger` is the chain-free FedAvg reference: same
 code, same aggregation, an in-memory log instead of a chain — identical seeds give identical digests.
+The ledger records come from :mod:`medchain.records`; :mod:`medchain.chain` is imported only inside
+the chain paths, so the chain-free reference never loads web3 (tests/test_layers.py).
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ from medchain import codec
 from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate, validate_rule
 from medchain.baselines import pooled_test
 from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_payload
-from medchain.chain.ledger import Attestation, Update
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.models import build_model
 from medchain.privacy import apply_download, download_mask, make_selector
 from medchain.params import Layout, digest_vector, load_flat, model_vector
+from medchain.records import Attestation, Update
 from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
 
 

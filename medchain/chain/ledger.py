@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from eth_abi import decode as abi_decode
@@ -34,6 +33,8 @@ from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
+
+from medchain.records import Attestation, RoundInfo, TaskInfo, Update  # re-exported (records live below chain)
 
 from .artifacts import load_artifact
 from .connection import node_label, with_retries
@@ -77,68 +78,6 @@ def _uint(value: int, bits: int, what: str) -> int:
     if not 0 <= v < 2 ** bits:
         raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {value}")
     return v
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """Task metadata and state, as recorded by the ledger."""
-    address: str
-    admin: str
-    model_arch: str
-    initial_model_digest: bytes
-    n_rounds: int
-    params: dict
-    params_json: str
-    round_deadline_blocks: int
-    quorum: int
-    started: bool
-    finished: bool
-    current_round: int
-    max_samples: int = 2 ** 64 - 1
-
-
-@dataclass(frozen=True)
-class Update:
-    """One ``UpdateSubmitted`` event. ``payload`` is empty when it lives in the blob store.
-    ``withdrawn``: its sender was removed before the round closed (and not re-added), so the update
-    does not count; final once the round closed (closed rounds never change)."""
-    round: int
-    sender: str
-    digest: bytes
-    n_values: int
-    n_samples: int
-    payload: bytes = field(repr=False)
-    block_number: int
-    log_index: int
-    tx_hash: str
-    withdrawn: bool = False
-
-    @property
-    def payload_size(self) -> int:
-        return len(self.payload)
-
-
-@dataclass(frozen=True)
-class Attestation:
-    """A member's digest of the global model after a round; ``agrees`` compares it with the
-    round's current majority digest."""
-    round: int
-    member: str
-    digest: bytes
-    agrees: bool
-
-
-@dataclass(frozen=True)
-class RoundInfo:
-    """Open/close blocks (close 0 = still open; open 0 = not opened yet) and update count."""
-    round: int
-    open_block: int
-    close_block: int
-    submitted: int
-    deadline_block: int
-    n_attestations: int
-    majority_digest: bytes | None
-    mismatches: int
 
 
 class _Abi:
