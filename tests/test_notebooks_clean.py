@@ -75,3 +75,18 @@ def test_the_check_finds_each_problem(tmp_path):
     nbformat.write(nb, tmp_path / "two.ipynb")
     assert problems(tmp_path / "two.ipynb") == [
         "2 cells tagged 'parameters' (need exactly one): [0, 1]"]
+
+
+def test_papermill_reads_every_parameter_of_every_notebook():
+    """A parameter line papermill cannot parse (e.g. an '=' inside its comment) is silently missing
+    from inspect_notebook, so `medchain reproduce -p NAME=...` would refuse it as unknown."""
+    import ast
+
+    import papermill as pm
+
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                 for t in node.targets}
+        assert names <= set(pm.inspect_notebook(str(path))), (path.name, names - set(pm.inspect_notebook(str(path))))
