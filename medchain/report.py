@@ -50,6 +50,47 @@ def load_runs(root: str | Path) -> list[dict]:
     return sorted(runs, key=lambda r: (r["claim"], r["run"]))
 
 
+def notebook_defaults(claim: int, notebooks: Path | None = None) -> dict:
+    """The literal defaults of claim `claim`'s notebook parameters cell ({} if it cannot be read)."""
+    import ast
+
+    import nbformat
+
+    from medchain.results import REPO
+
+    found = sorted((notebooks or REPO / "notebooks").glob(f"{claim:02d}_*.ipynb"))
+    if not found:
+        return {}
+    nb = nbformat.read(found[0], as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    out = {}
+    for node in ast.parse(cell.source).body if cell else []:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def settings_text(run: dict) -> str:
+    """The parameters in which a run differs from its notebook's defaults, e.g. "sim_n=2000, rounds=8"."""
+    params = dict(run["summary"].get("parameters", {}))
+    # the task's CollabConfig holds the notebook's training parameters (claim 3: the target task's)
+    nested = params.get("collab") or params.get("target_collab") or {}
+    params.update({k: v for k, v in nested.items() if k not in params})
+    defaults = notebook_defaults(run["claim"])
+    skip = {"quick", "out_dir", "seeds", "jobs", "threads", "allow_dirty"}
+    diff = [f"{k}={params[k]}" for k in params
+            if k in defaults and k not in skip and defaults[k] is not None
+            and _plain(params[k]) != _plain(defaults[k])]
+    return ", ".join(diff) or "notebook defaults"
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def _num(x: float | None, unit: str) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -92,7 +133,7 @@ def verdict_lines(run: dict) -> list[str]:
                                   + ("**" if d["metric"] in wanted else "") for d in v["decisions"])
         else:
             numbers = v.get("detail", "")
-        rows.append(f"| {run['run']} | {s.get('dataset', s.get('target_dataset', ''))} | {mode} | "
+        rows.append(f"| {run['run']}<br>({settings_text(run)}) | {s.get('dataset', s.get('target_dataset', ''))} | {mode} | "
                     f"{len(seeds)} | {v['claim']} | **{verdict}** | {numbers} | {_commit(s)} |")
     return rows
 

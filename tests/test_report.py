@@ -24,7 +24,7 @@ def test_report_tables_come_from_the_summaries(tmp_path):
     old = {"claim": "claim 2: y", "holds": True, "detail": "0.865 vs 0.878"}
     _summary(tmp_path, "archive/bm/02", 2, [0], [old], commit="def45678aaaa-dirty")
     text = report.render(tmp_path)
-    assert "| full/sim/01 | simulated | full | 5 | claim 1 (iid): x | **holds** |" in text
+    assert "| full/sim/01<br>(notebook defaults) | simulated | full | 5 | claim 1 (iid): x | **holds** |" in text
     d = v["decisions"][0]
     assert f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points → holds" in text
     assert "inconclusive (1 seed; the run itself said holds)" in text and "*dirty*" in text
@@ -51,3 +51,11 @@ def test_report_lists_claim_1_scores_per_method(tmp_path):
     text = report.render(tmp_path)
     c = methods["centralized"]["acc"]
     assert f"| full/bm/01 | iid | centralized | 0.810 [{c['ci_low']:.3f}, {c['ci_high']:.3f}] |" in text
+
+
+def test_settings_name_what_differs_from_the_notebook_defaults():
+    run = {"claim": 1, "summary": {"parameters": {"source": "breastmnist", "rounds": 20, "quick": False,
+                                                  "collab": {"local_epochs": 1, "lr": 0.002}}}}
+    assert report.settings_text(run) == "source=breastmnist, local_epochs=1"
+    run["summary"]["parameters"] = {"rounds": 20}
+    assert report.settings_text(run) == "notebook defaults"
