@@ -3,6 +3,7 @@ clean` that keeps committed files, constraints.txt consistent with pyproject.tom
 consistent with both, and the README's two commands."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,9 +19,11 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None or shutil.which("gi
 
 
 def _make_n(*args: str, cwd: Path = REPO) -> str:
-    """What `make` would run (dry run: nothing is executed)."""
-    return subprocess.run(["make", "-n", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout
+    """What `make` would run (dry run: nothing is executed). Under `make test` itself (CI) the
+    parent's MAKELEVEL/MAKEFLAGS would make it print "Entering directory" lines: drop them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True, env=env).stdout
 
 
 def _constraints() -> dict[str, str]:
