@@ -64,7 +64,8 @@ from medchain.data.types import ImageSet, InstitutionData
 from medchain.metrics import classification_metrics
 from medchain.models import build_model
 from medchain.params import Layout, mask_for_module_types, model_vector, select_names
-from medchain.training import FitResult, TrainConfig, cosine_lr, evaluate, to_tensor, train_epochs
+from medchain.training import (FitResult, TrainConfig, cosine_lr, evaluate, selection_key, to_tensor,
+                               train_epochs)
 
 __all__ = [
     "METHODS", "REFERENCES", "HEAD_PATTERNS",
@@ -356,7 +357,7 @@ def fit_selecting(model: nn.Module, train: ImageSet, val: ImageSet, tcfg: TrainC
                         **{f"val_{k}": v for k, v in m.items()}})
         state = None
         for s in selects:
-            key = (m[s], -m["loss"])
+            key = selection_key(m, s)
             if s not in keys or key > keys[s]:
                 state = state if state is not None else copy.deepcopy(model.state_dict())
                 keys[s], best[s] = key, (epoch + 1, m, state)
@@ -381,7 +382,7 @@ def finetune(model: nn.Module, inst: InstitutionData, cfg: FinetuneConfig, *, qu
     frozen = _freeze_body(tuned, cfg.head_patterns) if cfg.head_only else None
     tcfg = cfg.train_config()
     tcfg.seed = cfg.seed * 1_000 + 7 * inst.index + 1
-    key = lambda m: (m[cfg.select], -m["loss"])
+    key = lambda m: selection_key(m, cfg.select)
     try:
         sel = fit_selecting(tuned, inst.train, inst.val, tcfg, (cfg.select,), quiet=quiet,
                             desc=f"fine-tune {'head' if cfg.head_only else 'all'} {inst.index}")

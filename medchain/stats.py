@@ -211,9 +211,4 @@ def image_bootstrap(correct_a, correct_b, level: float = LEVEL, n_resamples: int
     b = np.asarray(correct_b, dtype=np.float64).ravel()
     if a.shape != b.shape or a.size < 2:
         raise ValueError(f"need two equally long per-image results (N ≥ 2), got {a.shape} and {b.shape}")
-    d = a - b
-    if np.all(d == d[0]):
-        return (float(d[0]), float(d[0]))
-    res = sps.bootstrap((d,), np.mean, confidence_level=level, n_resamples=n_resamples,
-                        method="percentile", random_state=np.random.default_rng(seed))
-    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+    return bootstrap_interval(a - b, level, n_resamples, seed)

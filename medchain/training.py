@@ -193,6 +193,12 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> dict[s
     return classification_metrics(data.labels, predict_proba(model, data, batch_size))
 
 
+def selection_key(metrics: dict, metric: str = "acc") -> tuple[float, float]:
+    """The model-selection rule every method uses on validation metrics: the higher `metric`,
+    ties broken by the lower loss (compare keys with >)."""
+    return (metrics[metric], -metrics["loss"])
+
+
 @dataclass
 class FitResult:
     """Outcome of fit(): the model holds the best-validation weights."""
@@ -230,7 +236,7 @@ def fit(model: nn.Module, train: ImageSet, val: ImageSet, cfg: TrainConfig, *,
         if track is not None:
             row.update({f"track_{k}": v for k, v in evaluate(model, track).items()})
         history.append(row)
-        key = (m["acc"], -m["loss"])
+        key = selection_key(m)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_val = key, epoch + 1, m
             best_state = copy.deepcopy(model.state_dict())

@@ -22,7 +22,7 @@ from medchain.data import Dataset, partition
 from medchain.data.types import ImageSet
 from medchain.params import load_flat
 from medchain.protocol import CollabConfig, CollabResult, run_collaborative
-from medchain.training import TrainConfig, evaluate, predict_proba
+from medchain.training import TrainConfig, evaluate, predict_proba, selection_key
 
 METRICS = ("acc", "balanced_acc", "auc")
 DECIDING_METRIC = "acc"
@@ -48,14 +48,14 @@ class _BestRound:
     keeps the best one (ACC, then lower loss) — the selection rule of the baselines' fit()."""
 
     def __init__(self, val: ImageSet):
-        self.val, self.key, self.round, self.vec, self.val_metrics = val, None, 0, None, None
+        self.val, self.key, self.round, self.vec = val, None, 0, None
 
     def __call__(self, r: int, insts) -> None:
         model = insts[0].model      # holds round r's global model (run_collaborative loads it)
         m = evaluate(model, self.val)
-        key = (m["acc"], -m["loss"])
+        key = selection_key(m)
         if self.key is None or key > self.key:
-            self.key, self.round, self.val_metrics = key, r + 1, m
+            self.key, self.round = key, r + 1
             self.vec = insts[0].global_vec.copy()
 
 
