@@ -8,8 +8,9 @@ disk with what the artifacts give, so a test can hold RESULTS.md to them.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from medchain.stats import format_difference
 
 HEADER = """# Results
 
@@ -91,17 +92,11 @@ def _plain(v):
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def _num(x: float | None, unit: str) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{100 * x:+.1f}" if unit == "points" else f"{x:+.2f}"
-
-
 def _decision_text(d: dict) -> str:
     unit = "dB" if d["metric"] == "psnr" else "points"
-    ci = "" if d.get("ci_low") is None else f" [{_num(d['ci_low'], unit)}, {_num(d['ci_high'], unit)}]"
+    ci = "" if d.get("ci_low") is None else f" [{format_difference(d['ci_low'], unit)}, {format_difference(d['ci_high'], unit)}]"
     rule = "≈" if d["kind"] == "non_inferiority" else ">"
-    return f"{d['a']} − {d['b']} ({d['metric']}, {rule}): {_num(d['mean'], unit)}{ci} {unit} → {d['verdict']}"
+    return f"{d['a']} − {d['b']} ({d['metric']}, {rule}): {format_difference(d['mean'], unit)}{ci} {unit} → {d['verdict']}"
 
 
 def _commit(s: dict) -> str:

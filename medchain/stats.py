@@ -111,8 +111,11 @@ class Decision:
         return {**asdict(self), "holds": self.holds, "n": len(self.values)}
 
 
-def _fmt(x: float, unit: str = "points") -> str:
-    """A difference in words: fractions (ACC) as percentage points, anything else in its unit."""
+def format_difference(x: float | None, unit: str = "points") -> str:
+    """A difference in words: fractions (ACC) as percentage points, anything else in its unit;
+    "–" for a missing or undefined value (e.g. the interval of one seed)."""
+    if x is None or not math.isfinite(x):
+        return "–"
     return f"{100 * x:+.1f}" if unit == "points" else f"{x:+.2f}"
 
 
@@ -121,7 +124,7 @@ def non_inferiority(diffs, tolerance: float, *, metric: str = "acc", a: str = "A
     """Is A about as good as B? diffs: per-seed A − B. See the module docstring for the rule.
     unit: "points" for fractions (ACC 0.01 = 1 point) or the differences' own unit (e.g. "dB")."""
     def _pts(x):
-        return _fmt(x, unit)
+        return format_difference(x, unit)
     tol = 100 * tolerance if unit == "points" else tolerance
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
@@ -152,7 +155,7 @@ def superiority(diffs, margin: float = 0.0, *, metric: str = "acc", a: str = "A"
                 level: float = LEVEL, unit: str = "points") -> Decision:
     """Does A beat B by more than `margin`? diffs: per-seed A − B (unit as in non_inferiority)."""
     def _pts(x):
-        return _fmt(x, unit)
+        return format_difference(x, unit)
     d = _finite(diffs, f"{a} − {b} differences")
     lo, hi = t_interval(d, level)
     mean = float(d.mean())
