@@ -22,6 +22,16 @@ def _final_digests(dep: Deployment) -> set[str]:
     return {m["final_digest"] for p in dep.nodes for m in p.metrics() if m["event"] == "final"}
 
 
+
+def _started(dep) -> LedgerClient:
+    """Start the chain, create the task (1 channel, 2 classes), launch the nodes, start the task;
+    returns a ledger reader for the test's waits."""
+    dep.start_chain()
+    dep.create_task(1, 2)
+    dep.launch()
+    dep.start_task()
+    return LedgerClient(dep.w3, dep.ledger.address)
+
 @pytest.mark.anvil
 @needs_anvil
 def test_chain_restart_and_rpc_outage_resume_bit_identical(tmp_path):
@@ -31,11 +41,7 @@ def test_chain_restart_and_rpc_outage_resume_bit_identical(tmp_path):
     The final global model is bit-identical to the uninterrupted in-process run."""
     src = toy_source(tmp_path, size=28)
     with Deployment(3, CFG, data=src, workdir=tmp_path / "run", node_args={2: ["--rpc-timeout", "2"]}) as dep:
-        dep.start_chain()
-        dep.create_task(1, 2)
-        dep.launch()
-        dep.start_task()
-        reader = LedgerClient(dep.w3, dep.ledger.address)
+        reader = _started(dep)
         dep.wait_for(lambda: reader.current_round() >= 1, 120, "round 1 to open")
         dep.stop_chain()
         t_down = time.monotonic()
@@ -73,11 +79,7 @@ def test_killed_institution_round_closes_by_deadline_and_it_rejoins(tmp_path):
     # block_time=0: blocks only with transactions, so the test decides when a deadline passes
     with Deployment(3, cfg, data=src, workdir=tmp_path / "run", deadline_blocks=deadline, quorum=2,
                     block_time=0) as dep:
-        dep.start_chain()
-        dep.create_task(1, 2)
-        dep.launch()
-        dep.start_task()
-        reader = LedgerClient(dep.w3, dep.ledger.address)
+        reader = _started(dep)
         victim = dep.accounts[3].address
         dep.wait_for(lambda: reader.current_round() >= 1, 120, "round 1 to open")
         dep.nodes[2].kill()
@@ -117,11 +119,7 @@ def test_anvil_sigkill_mid_run_resumes_from_its_periodic_state_bit_identical(tmp
     cfg = CollabConfig(**{**CFG.to_dict(), "rounds": 4})
     src = toy_source(tmp_path, size=28)
     with Deployment(3, cfg, data=src, workdir=tmp_path / "run") as dep:
-        dep.start_chain()
-        dep.create_task(1, 2)
-        dep.launch()
-        dep.start_task()
-        reader = LedgerClient(dep.w3, dep.ledger.address)
+        reader = _started(dep)
         dep.wait_for(lambda: reader.current_round() >= 1, 120, "round 1 to open")
         dep.wait_for(lambda: reader.submitted_count(1) >= 1, 120, "a first update in round 1")
         dep.kill_chain()                                  # right after a transaction: likely not dumped
