@@ -832,7 +832,7 @@ class Deployment:
         self.timeline["started"] = time.time()
 
     def _node_process(self, i: int) -> NodeProcess:
-        argv = [sys.executable, "-c", "import sys; from medchain.cli import main; sys.exit(main())",
+        argv = [sys.executable, "-m", "medchain",
                 "node", "--rpc", self.url, "--ledger", self.ledger.address, "--key-env", KEY_ENV,
                 "--data", self.data, "--partition", self.partition, "--institutions", str(self.n),
                 "--institution-index", str(i), "--alpha", str(self.alpha), "--fraction", str(self.fraction),

@@ -18,8 +18,8 @@ HEAVY = ("torch", "web3", "pandas", "papermill", "sklearn", "matplotlib")
 
 
 def _run_cli(*argv: str) -> subprocess.CompletedProcess:
-    code = "import sys; from medchain.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    """`python -m medchain <argv>`: the entry point the simulator's node processes start through."""
+    return subprocess.run([sys.executable, "-m", "medchain", *argv], capture_output=True, text=True, timeout=120)
 
 
 def _heavy_modules_imported(*argv: str) -> list[str]:
