@@ -55,6 +55,18 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float]:
     return (mean - half, mean + half)
 
 
+def prediction_interval(values, level: float = LEVEL) -> tuple[float, float]:
+    """Two-sided Student-t interval (lo, hi) that holds one *new* run with probability `level`:
+    mean ± t(n−1) · sd · sqrt(1 + 1/n) of `values` (n ≥ 2; n = 1 → (nan, nan)). It is where a
+    rerun of one seed on another machine should land (`medchain verify`)."""
+    a = _finite(values)
+    if a.size < 2:
+        return (math.nan, math.nan)
+    mean, sd = float(a.mean()), float(a.std(ddof=1))
+    half = float(sps.t.ppf(0.5 + level / 2, df=a.size - 1)) * sd * math.sqrt(1 + 1 / a.size)
+    return (mean - half, mean + half)
+
+
 def bootstrap_interval(values, level: float = LEVEL, n_resamples: int = 9999,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval (lo, hi) of the mean (scipy.stats.bootstrap); n = 1 → nan."""

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "task": ("node", "create a collaborative task on a chain"),
     "simulate": ("node", "an anvil chain plus N institution processes on this machine"),
     "report": ("report", "regenerate RESULTS.md from the summary.json files under results/"),
+    "verify": ("report", "rerun a committed run's seeds and check each number against its recorded interval"),
 }
 
 #: Errors raised while a command runs that medchain words for the user (they name the problem
