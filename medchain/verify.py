@@ -147,6 +147,11 @@ class Verification:
             same = int(self.rows["identical"].sum())
             head = (f"same machine type, packages and commit as the recording: {same} of {n} per-seed "
                     f"differences identical — {'VERIFIED' if self.ok else 'NOT VERIFIED (same seed gave other numbers)'}")
+        elif not np.isfinite(self.rows["pi_low"]).any():
+            same = int(self.rows["identical"].sum())
+            head = (f"other machine type or code than the recording, and the recording has one seed (no "
+                    f"interval): {same} of {n} per-seed differences identical — "
+                    f"{'VERIFIED' if self.ok else 'NOT VERIFIED (rerun on the recording machine type and commit, or record more seeds)'}")
         else:
             head = (f"other machine type or code than the recording: {n - self.outside} of {n} per-seed "
                     f"differences inside the recorded {LEVEL:.0%} prediction interval (chance alone leaves "
@@ -174,7 +179,8 @@ def judge(rows: pd.DataFrame, means: pd.DataFrame, *, exact: bool, rerun_dir: Pa
     judged = rows[np.isfinite(rows["pi_low"]) | exact]
     outside = int((~judged["inside"]).sum())
     p = float(sps.binomtest(outside, len(judged), 1 - level, alternative="greater").pvalue) if len(judged) else 1.0
-    ok = bool(rows["identical"].all()) if exact else p >= 1 - level
+    # a one-seed recording has no prediction interval: only an identical rerun can verify it
+    ok = bool(rows["identical"].all()) if exact or judged.empty else p >= 1 - level
     return Verification(rows, means, exact, outside, p, ok, rerun_dir)
 
 

@@ -123,3 +123,14 @@ def test_cli_refuses_bad_seeds_with_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "medchain", "verify", "results", "--seeds", "1,1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "distinct" in proc.stderr
+
+
+def test_a_one_seed_recording_elsewhere_verifies_only_identical_numbers():
+    recorded = summary({"acc": [0.10]}, seeds=[0])
+    other = dict(VERSIONS, cpu_capability="AVX2")
+    same = summary({"acc": [0.10]}, seeds=[0], versions=other)
+    v = judge(compare(recorded, same), mean_check(recorded, same), exact=False, rerun_dir=None)
+    assert v.ok and "one seed" in v.text()
+    moved = summary({"acc": [0.11]}, seeds=[0], versions=other)
+    v = judge(compare(recorded, moved), mean_check(recorded, moved), exact=False, rerun_dir=None)
+    assert not v.ok and "NOT VERIFIED" in v.text()
