@@ -11,22 +11,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from .registry import Registry
 
+_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("model")
 
-def register_model(name: str):
-    """Decorator: make ``fn(in_chans, num_classes, **kw) -> nn.Module`` available by ``name``."""
-    def wrap(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-    return wrap
+#: Decorator: ``@register_model("name")`` makes ``fn(in_chans, num_classes, **kw) -> nn.Module``
+#: available by ``name``.
+register_model = _REGISTRY.register
 
 
 def list_models() -> list[str]:
     """Registered model names (``timm:<name>`` works on top of these when timm is installed)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def create_model(name: str = "cnn", in_chans: int = 1, num_classes: int = 2, **kwargs) -> nn.Module:

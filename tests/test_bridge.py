@@ -1,5 +1,5 @@
 """Attested peer-to-peer transfer between task chains: the Bridge contract, its client and the
-Relayer (medchain.crosschain), on two embedded chains and on two real anvil nodes."""
+Relayer (medchain.chain.bridge, medchain.crosschain), on two embedded chains and on two real anvil nodes."""
 from __future__ import annotations
 
 import hashlib
@@ -16,14 +16,16 @@ from medchain.blobstore import MemoryBlobStore
 from medchain.chain import (LedgerError, LedgerTimeout, ZeroDigest, chain_identity, connect,
                             deploy_ledger, embedded_accounts)
 from medchain.chain.anvil import AnvilNotFound, find_anvil, start_nodes
-from medchain.crosschain import (KIND_GLOBAL_MODEL, AlreadyAccepted, BelowQuorum, BridgeError, BridgeMessage,
-                                 DuplicateSigner, InvalidQuorum, InvalidSigner, InvalidSource, MalformedSignature,
-                                 MemberSigner, MessageNotAccepted, NotBridgeAdmin, NothingToRelay,
-                                 PayloadMismatch, PayloadSizeMismatch, PayloadUnavailable, ReceivedPayloadMismatch,
-                                 Relayer, RepeatedSigner, SignatureBadV, SignatureHighS, SignatureRefused,
-                                 SignatureUnrecoverable, SignatureWrongLength, UnknownSigner, UnknownSource,
-                                 deploy_bridge, parse_model_payload, publish_global_model, receive,
-                                 recover_signer, sign_message)
+from medchain.chain.bridge import deploy_bridge
+from medchain.chain.bridge_errors import (AlreadyAccepted, BelowQuorum, BridgeError, DuplicateSigner, InvalidQuorum,
+                                          InvalidSigner, InvalidSource, MalformedSignature, MessageNotAccepted,
+                                          NotBridgeAdmin, NothingToRelay, PayloadMismatch, PayloadSizeMismatch,
+                                          PayloadUnavailable, RepeatedSigner, SignatureBadV, SignatureHighS,
+                                          SignatureRefused, SignatureUnrecoverable, SignatureWrongLength,
+                                          UnknownSigner, UnknownSource)
+from medchain.chain.bridge_message import KIND_GLOBAL_MODEL, BridgeMessage, recover_signer, sign_message
+from medchain.crosschain import (MemberSigner, ReceivedPayloadMismatch, Relayer, parse_model_payload,
+                                 publish_global_model, receive)
 from medchain.models import build_model
 from medchain.params import Layout, digest_vector, model_vector
 from medchain.transfer import warm_start
@@ -238,10 +240,35 @@ def test_replay_is_refused(embedded):
         with pytest.raises(AlreadyAccepted, match="replay refused") as info:
             w.relay.relay(again, sigs)
         assert info.value.details["id"] == msg.id()
+        assert f"message 0x{msg.id().hex()} was already accepted" in str(info.value)  # bytes as hex
     # the same signatures by other members, or by a third party relaying: still the same message
     with pytest.raises(AlreadyAccepted):
         w.bridge.as_account(w.outsider).relay(msg, _sigs(w, msg, (1, 2)))
     assert _snapshot(w) == before
+
+
+def test_both_clients_share_one_base_and_keep_their_own_errors(embedded):
+    """Ledger and bridge clients are one ContractClient each: a read-only client refuses to send,
+    naming its class; an address without code raises the client's own error family."""
+    from medchain.chain import LedgerClient
+    from medchain.chain.bridge import BridgeClient
+    from medchain.chain.contract import ContractClient
+
+    w = embedded
+    read_only = w.bridge.as_account(None)
+    assert isinstance(read_only, ContractClient) and isinstance(w.ledger, ContractClient)
+    assert read_only.account is None and w.bridge.account is w.gov and read_only.address == w.bridge.address
+    with pytest.raises(ValueError, match=r"create the BridgeClient with an account"):
+        read_only.remove_source(w.cid_a, w.ledger.address)
+    with pytest.raises(ValueError, match=r"create the LedgerClient with an account"):
+        w.ledger.as_account(None).start()
+    nowhere = w.outsider.address                    # an account, not a contract
+    with pytest.raises(BridgeError, match="no contract code") as info:
+        BridgeClient(w.wb, nowhere).admin()
+    assert info.value.reason == "NoContract"
+    with pytest.raises(LedgerError, match="no contract code") as info:
+        LedgerClient(w.wb, nowhere).admin()
+    assert not isinstance(info.value, BridgeError) and info.value.reason == "NoContract"
 
 
 def test_mined_rejection_is_decoded(embedded):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from medchain.data import (MEDMNIST_FLAGS, Dataset, ImageSet, describe, load_dataset, save_npz)
 from medchain.data import sources
+from medchain.data.sources import medmnist as medmnist_source
 
 SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 BREAST = SHARED_MEDMNIST / "breastmnist.npz"
@@ -30,7 +31,7 @@ needs_breast = pytest.mark.skipif(
     reason=f"real BreastMNIST not found at {BREAST} (only in the development workspace)")
 
 
-REAL_DOWNLOADER = sources._pooch_downloader
+REAL_DOWNLOADER = medmnist_source._pooch_downloader
 
 
 def offline_error():
@@ -55,9 +56,9 @@ def no_network(monkeypatch, tmp_path):
     def refuse(*a, **k):
         raise AssertionError("a test tried to use the network")
 
-    monkeypatch.setattr(sources, "_pooch_downloader", lambda: offline)
+    monkeypatch.setattr(medmnist_source, "_pooch_downloader", lambda: offline)
     monkeypatch.setattr(requests.Session, "request", refuse)
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 0)
+    monkeypatch.setattr(medmnist_source, "DOWNLOAD_RETRIES", 0)
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return calls
@@ -76,7 +77,7 @@ def serve(monkeypatch, *payloads: bytes | BaseException) -> list[str]:
             raise answer
         Path(output_file).write_bytes(answer)
 
-    monkeypatch.setattr(sources, "_pooch_downloader", lambda: downloader)
+    monkeypatch.setattr(medmnist_source, "_pooch_downloader", lambda: downloader)
     return calls
 
 
@@ -215,14 +216,14 @@ def test_real_downloader_has_a_progress_bar_and_a_timeout():
     pooch = pytest.importorskip("pooch")
     d = REAL_DOWNLOADER()
     assert isinstance(d, pooch.HTTPDownloader)
-    assert d.progressbar is True and d.kwargs["timeout"] == sources.DOWNLOAD_TIMEOUT_S
+    assert d.progressbar is True and d.kwargs["timeout"] == medmnist_source.DOWNLOAD_TIMEOUT_S
 
 
 def test_download_retries_after_a_network_error(cache, monkeypatch, tmp_path):
     data = fake_breast_bytes(tmp_path)
     monkeypatch.setitem(sources.MEDMNIST_INFO["breastmnist"], "md5",
                         hashlib.md5(data).hexdigest())
-    monkeypatch.setattr(sources, "DOWNLOAD_RETRIES", 1)  # pooch waits 1 s before the retry
+    monkeypatch.setattr(medmnist_source, "DOWNLOAD_RETRIES", 1)  # pooch waits 1 s before the retry
     got = serve(monkeypatch, offline_error(), data)
     assert len(load_dataset("breastmnist").test) == 6
     assert len(got) == 2
@@ -277,6 +278,23 @@ def test_offline_message_names_both_places(cache, no_network):
     assert list(cache.iterdir()) == []
 
 
+def test_each_source_is_registered_once(monkeypatch, tmp_path):
+    """The four sources sit behind the registry; a name cannot be taken twice, and a registered
+    loader is the one load_dataset calls for its kind."""
+    from medchain.data.sources import list_sources, register_source
+    from medchain.data.sources.registry import SOURCES
+
+    assert list_sources() == ["folder", "medmnist", "npz", "simulated"]
+    with pytest.raises(ValueError, match="data source 'npz' is already registered"):
+        register_source("npz")(lambda spec, **kw: None)
+    seen = []
+    monkeypatch.setitem(SOURCES._items, "npz", lambda spec, **kw: seen.append((spec, kw)) or "ds")
+    f = tmp_path / "x.npz"
+    f.write_bytes(b"")
+    assert load_dataset(f, image_size=32) == "ds"
+    assert seen == [(str(f), dict(cache_dir=None, download=True, image_size=32))]
+
+
 @pytest.mark.parametrize("source, exc, phrase", [
     ("chestmnist", ValueError, "multi-label"),
     ("medmnist:chestmnist", ValueError, "multi-label"),
@@ -301,7 +319,9 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert sources.default_cache_dir() == tmp_path / "x"
     assert sources.medmnist_path("dermamnist") == tmp_path / "x" / "dermamnist.npz"
     monkeypatch.delenv("MEDCHAIN_DATA")
-    repo = Path(sources.__file__).resolve().parents[2]
+    import medchain
+
+    repo = Path(medchain.__file__).resolve().parents[1]  # the checkout that holds the package
     if (repo / "pyproject.toml").is_file():
         assert sources.default_cache_dir() == repo / "data"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from eth_abi import decode as abi_decode
@@ -22,7 +23,7 @@ __all__ = [
     "TaskFinished", "FutureRound", "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline",
     "DeadlineNotPassed", "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask",
     "ZeroSamples", "TooManySamples",
-    "ERRORS", "RevertDecoder", "revert_data_from_exception",
+    "ERRORS", "RevertDecoder", "canonical_type", "contract_error", "revert_data_from_exception",
 ]
 
 
@@ -62,10 +63,6 @@ class InsufficientFunds(LedgerError):
 class PayloadTooLarge(LedgerError, ValueError):
     """The transaction needs more gas than a block holds: put the payload in the blob store."""
     reason = "PayloadTooLarge"
-
-
-def _short(addr: str) -> str:
-    return to_checksum_address(addr)
 
 
 # One class per custom error of contracts/TaskLedger.sol, with a message template (str.format over
@@ -171,23 +168,42 @@ _ERROR_STRING = keccak(text="Error(string)")[:4]
 _PANIC = keccak(text="Panic(uint256)")[:4]
 
 
-def _canonical_type(inp: dict) -> str:
+def canonical_type(inp: dict) -> str:
+    """The canonical ABI type of an ABI input/output entry (tuples spelled out), as in selectors."""
     t = inp["type"]
     if t.startswith("tuple"):
-        inner = ",".join(_canonical_type(c) for c in inp["components"])
+        inner = ",".join(canonical_type(c) for c in inp["components"])
         return f"({inner}){t[5:]}"
     return t
 
 
-class RevertDecoder:
-    """Turns raw revert data into the matching :class:`LedgerError`, using an ABI's error entries."""
+def _fmt(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return "0x" + bytes(value).hex()
+    return value
 
-    def __init__(self, abi: list[dict]):
+
+def contract_error(cls: type[LedgerError], contract: str, details: Mapping[str, Any], *,
+                   tx_hash: str | None = None) -> LedgerError:
+    """The exception ``cls`` (an error-table class with a ``template``) for a refusal by
+    ``contract`` with the error's arguments ``details``; bytes arguments read as 0x-hex in the
+    message. Used for decoded reverts and for refusals a client finds before sending."""
+    msg = cls.template.format(contract=contract, **{k: _fmt(v) for k, v in details.items()})
+    return cls(f"{cls.__name__}: {msg}", details=dict(details), tx_hash=tx_hash)
+
+
+class RevertDecoder:
+    """Turns raw revert data into the matching :class:`LedgerError`, using an ABI's error entries
+    and an error table ``errors`` (custom error name -> class; default :data:`ERRORS`, the
+    TaskLedger's). An error of the ABI missing from the table becomes :class:`TransactionReverted`."""
+
+    def __init__(self, abi: list[dict], errors: Mapping[str, type[LedgerError]] | None = None):
+        self._errors = ERRORS if errors is None else errors
         self._by_selector: dict[bytes, tuple[str, list[str], list[str]]] = {}
         for entry in abi:
             if entry.get("type") != "error":
                 continue
-            types = [_canonical_type(i) for i in entry["inputs"]]
+            types = [canonical_type(i) for i in entry["inputs"]]
             names = [i["name"] for i in entry["inputs"]]
             sel = keccak(text=f"{entry['name']}({','.join(types)})")[:4]
             self._by_selector[sel] = (entry["name"], types, names)
@@ -204,18 +220,14 @@ class RevertDecoder:
                 except Exception:  # noqa: BLE001 - malformed data: fall through to generic
                     values = None
                 if values is not None:
-                    details = {}
-                    for n, t, v in zip(names, types, values):
-                        if t == "address":
-                            v = _short(v)
-                        details[n] = v
-                    cls = ERRORS.get(name)
+                    details = {n: (to_checksum_address(v) if t == "address" else v)
+                               for n, t, v in zip(names, types, values)}
+                    cls = self._errors.get(name)
                     if cls is None:
                         args = ", ".join(f"{k}={v}" for k, v in details.items())
                         return TransactionReverted(f"the contract {contract} reverted with {name}({args})",
                                                    details=details, tx_hash=tx_hash, reason=name)
-                    msg = cls.template.format(contract=contract, **details)
-                    return cls(f"{name}: {msg}", details=details, tx_hash=tx_hash)
+                    return contract_error(cls, contract, details, tx_hash=tx_hash)
             if sel == _ERROR_STRING:
                 try:
                     (text,) = abi_decode(["string"], body)

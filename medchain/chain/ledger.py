@@ -21,9 +21,7 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,20 +29,16 @@ from typing import Any
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 from web3 import Web3
 
 from medchain.records import Attestation, RoundInfo, TaskInfo, Update  # re-exported (records live below chain)
 
-from .artifacts import load_artifact
-from .connection import node_label, with_retries
-from .errors import LedgerError, LedgerTimeout, RevertDecoder, _canonical_type
-from .tx import call, send_transaction, wait_for_receipt
+from .contract import ContractClient, digest32, uint
+from .errors import ERRORS, LedgerTimeout
 
 __all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo", "LedgerClient", "deploy_ledger",
            "canonical_params", "CONTRACT_NAME"]
-
-log = logging.getLogger("medchain.chain")
 
 CONTRACT_NAME = "TaskLedger"
 
@@ -60,63 +54,7 @@ def canonical_params(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _digest32(value: bytes | str, what: str = "digest") -> bytes:
-    if isinstance(value, str):
-        text = value[2:] if value.startswith("0x") else value
-        try:
-            value = bytes.fromhex(text)
-        except ValueError:
-            raise ValueError(f"{what} must be 32 bytes or 64 hex digits, got {value[:20]!r}…") from None
-    value = bytes(value)
-    if len(value) != 32:
-        raise ValueError(f"{what} must be 32 bytes (a sha256 digest), got {len(value)} bytes")
-    return value
-
-
-def _uint(value: int, bits: int, what: str) -> int:
-    v = int(value)
-    if not 0 <= v < 2 ** bits:
-        raise ValueError(f"{what} must be an integer in [0, 2**{bits}), got {value}")
-    return v
-
-
-class _Abi:
-    """Function/event encoding straight from the artifact's ABI (eth_abi, no web3 contract layer)."""
-
-    def __init__(self, abi: list[dict]):
-        self.functions: dict[str, tuple[bytes, list[str], list[str]]] = {}
-        self.events: dict[str, dict] = {}
-        for e in abi:
-            if e.get("type") == "function":
-                ins = [_canonical_type(i) for i in e["inputs"]]
-                outs = [_canonical_type(o) for o in e["outputs"]]
-                self.functions[e["name"]] = (keccak(text=f"{e['name']}({','.join(ins)})")[:4], ins, outs)
-            elif e.get("type") == "event":
-                ins = [_canonical_type(i) for i in e["inputs"]]
-                topic = keccak(text=f"{e['name']}({','.join(ins)})")
-                self.events[e["name"]] = {
-                    "topic": topic,
-                    "indexed": [(i["name"], _canonical_type(i)) for i in e["inputs"] if i["indexed"]],
-                    "data": [(i["name"], _canonical_type(i)) for i in e["inputs"] if not i["indexed"]],
-                }
-        ctor = next((e for e in abi if e.get("type") == "constructor"), {"inputs": []})
-        self.constructor_types = [_canonical_type(i) for i in ctor["inputs"]]
-
-    def encode(self, name: str, *args: Any) -> bytes:
-        sel, ins, _ = self.functions[name]
-        return sel + abi_encode(ins, list(args))
-
-    def decode(self, name: str, data: bytes) -> tuple:
-        return tuple(abi_decode(self.functions[name][2], data))
-
-
-@functools.lru_cache(maxsize=None)
-def _codec(name: str) -> tuple[_Abi, RevertDecoder]:
-    abi = load_artifact(name)["abi"]
-    return _Abi(abi), RevertDecoder(abi)
-
-
-class LedgerClient:
+class LedgerClient(ContractClient):
     """Client of a deployed TaskLedger at ``address``, acting as ``account`` (None: read-only).
 
     Transactions are simulated first, so a refused call raises a :class:`LedgerError` subclass
@@ -124,48 +62,8 @@ class LedgerClient:
     ``TaskFinished``, ``NotAdmin``, ...) and changes nothing on chain.
     """
 
-    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None, *,
-                 gas_margin: float = 1.2, tx_timeout: float = 120.0):
-        self.w3 = w3
-        self.address = to_checksum_address(address)
-        self.account = account
-        self.gas_margin = gas_margin
-        self.tx_timeout = tx_timeout
-        self._abi, self._decoder = _codec(CONTRACT_NAME)
-        self._label = node_label(w3)
-
-    def __repr__(self) -> str:
-        who = self.account.address if self.account is not None else "read-only"
-        return f"LedgerClient({self.address} on {self._label}, as {who})"
-
-    def as_account(self, account: LocalAccount | None) -> "LedgerClient":
-        """The same ledger, acting as another account."""
-        return LedgerClient(self.w3, self.address, account, gas_margin=self.gas_margin,
-                            tx_timeout=self.tx_timeout)
-
-    # ------------------------------------------------------------------ plumbing
-    def _call(self, name: str, *args: Any, block: int | str = "latest") -> tuple:
-        raw = call(self.w3, self.address, self._abi.encode(name, *args), decoder=self._decoder,
-                   contract=self.address, block=block)
-        if not raw:
-            raise LedgerError(f"no contract code at {self.address} on {self._label} (wrong address or "
-                              "chain?)", reason="NoContract")
-        return self._abi.decode(name, raw)
-
-    def _transact(self, name: str, *args: Any, gas: int | None = None, wait: bool = True,
-                  gas_headroom: int = 0):
-        if self.account is None:
-            raise ValueError(f"{name}() sends a transaction: create the LedgerClient with an account")
-        return send_transaction(self.w3, self.account, {"to": self.address, "data": self._abi.encode(name, *args)},
-                                decoder=self._decoder, contract=self.address, gas=gas,
-                                gas_margin=self.gas_margin, gas_headroom=gas_headroom,
-                                timeout=self.tx_timeout, wait=wait)
-
-    def wait_for_receipt(self, tx_hash: str):
-        """The receipt of a transaction sent with ``wait=False`` (raises the decoded error if it
-        reverted)."""
-        return wait_for_receipt(self.w3, tx_hash, decoder=self._decoder, contract=self.address,
-                                timeout=self.tx_timeout)
+    CONTRACT_NAME = CONTRACT_NAME
+    ERRORS = ERRORS
 
     # ------------------------------------------------------------------ admin
     def add_member(self, member: str):
@@ -188,8 +86,8 @@ class LedgerClient:
         ``digest``). Returns the receipt (the round closes in it if this was the last member), or
         the transaction hash with ``wait=False``. ``gas``: an explicit limit (skips the simulation,
         so a refused update is mined, reverts and then raises)."""
-        return self._transact("submitUpdate", _uint(round, 32, "round"), _digest32(digest),
-                              _uint(n_values, 32, "n_values"), _uint(n_samples, 64, "n_samples"),
+        return self._transact("submitUpdate", uint(round, 32, "round"), digest32(digest),
+                              uint(n_values, 32, "n_values"), uint(n_samples, 64, "n_samples"),
                               bytes(payload), gas=gas, wait=wait, gas_headroom=ROUND_CLOSE_GAS)
 
     def close_round(self):
@@ -198,7 +96,7 @@ class LedgerClient:
 
     def attest(self, round: int, digest: bytes | str):
         """Record this member's digest of the global model after aggregating ``round`` (closed)."""
-        return self._transact("attest", _uint(round, 32, "round"), _digest32(digest, "global digest"))
+        return self._transact("attest", uint(round, 32, "round"), digest32(digest, "global digest"))
 
     # ------------------------------------------------------------------ views
     def task(self) -> TaskInfo:
@@ -218,7 +116,7 @@ class LedgerClient:
     def withdrawn(self, round: int, member: str) -> bool:
         """Whether ``member``'s update to ``round`` was withdrawn by its removal before the round
         closed (final once the round closed)."""
-        return self._call("withdrawn", _uint(round, 32, "round"), to_checksum_address(member))[0]
+        return self._call("withdrawn", uint(round, 32, "round"), to_checksum_address(member))[0]
 
     def current_round(self) -> int:
         """The open round; after the last round closed it equals ``n_rounds`` (all rounds closed)."""
@@ -280,9 +178,6 @@ class LedgerClient:
                          self.submitted_count(round), self.round_deadline_block(round), len(members),
                          bytes(maj) if count else None, self.mismatch_count(round))
 
-    def block_number(self) -> int:
-        return with_retries(lambda: self.w3.eth.block_number, what="eth_blockNumber", label=self._label)
-
     def updates(self, round: int) -> list[Update]:
         """The updates submitted to ``round``, in chain order (block number, log index).
 
@@ -295,10 +190,8 @@ class LedgerClient:
             return []
         close_block = self.round_close_block(round) or self.block_number()
         ev = self._abi.events["UpdateSubmitted"]
-        logs = with_retries(lambda: self.w3.eth.get_logs({
-            "address": self.address, "fromBlock": open_block, "toBlock": close_block,
-            "topics": ["0x" + ev["topic"].hex(), "0x" + abi_encode(["uint32"], [round]).hex()],
-        }), what="eth_getLogs", label=self._label)
+        logs = self._logs("UpdateSubmitted", open_block, close_block,
+                          ["0x" + abi_encode(["uint32"], [round]).hex()])
         out = []
         withdrawn: dict[str, bool] = {}
         data_types = [t for _, t in ev["data"]]
@@ -383,12 +276,10 @@ def deploy_ledger(w3: Web3, admin_account: LocalAccount, model_arch: str, initia
     and anything above); with the ``mean`` rule it bounds what one member's update can weigh.
     ``members`` are added and the task is started if ``start``, as separate transactions.
     """
-    art = load_artifact(CONTRACT_NAME)
-    abi, decoder = _codec(CONTRACT_NAME)
-    args = [str(model_arch), _digest32(initial_digest, "initial model digest"),
-            _uint(n_rounds, 32, "n_rounds"), canonical_params(params or {}),
-            _uint(deadline_blocks, 64, "deadline_blocks"), _uint(quorum, 32, "quorum"),
-            _uint(max_samples, 64, "max_samples")]
+    args = [str(model_arch), digest32(initial_digest, "initial model digest"),
+            uint(n_rounds, 32, "n_rounds"), canonical_params(params or {}),
+            uint(deadline_blocks, 64, "deadline_blocks"), uint(quorum, 32, "quorum"),
+            uint(max_samples, 64, "max_samples")]
     if args[2] < 1:
         raise ValueError("n_rounds must be at least 1")
     if args[5] < 1:
@@ -399,12 +290,8 @@ def deploy_ledger(w3: Web3, admin_account: LocalAccount, model_arch: str, initia
     if len(set(members)) != len(members):
         dup = next(m for m in members if members.count(m) > 1)
         raise ValueError(f"member {dup} is listed twice")
-    data = bytes.fromhex(art["bytecode"][2:]) + abi_encode(abi.constructor_types, args)
-    receipt = send_transaction(w3, admin_account, {"data": data}, decoder=decoder,
-                               contract=f"new {CONTRACT_NAME}", gas_margin=gas_margin)
+    receipt = LedgerClient._deploy(w3, admin_account, args, gas_margin=gas_margin)
     client = LedgerClient(w3, receipt["contractAddress"], admin_account, gas_margin=gas_margin)
-    log.info("deployed %s at %s on %s (block %d, gas %d)", CONTRACT_NAME, client.address,
-             node_label(w3), receipt["blockNumber"], receipt["gasUsed"])
     for m in members:
         client.add_member(m)
     if start:

@@ -57,8 +57,9 @@ import pandas as pd
 
 from medchain import stats
 from medchain.blobstore import BlobStore, MemoryBlobStore
-from medchain.crosschain import (BridgeClient, MemberSigner, RelayResult, Relayer, deploy_bridge,
-                                 parse_model_payload, publish_global_model, receive)
+from medchain.chain import BridgeClient, deploy_bridge
+from medchain.crosschain import (MemberSigner, RelayResult, Relayer, parse_model_payload, publish_global_model,
+                                 receive)
 from medchain.data import Dataset, ImageSet, InstitutionData, content_sha256, partition
 from medchain.models import build_model
 from medchain.params import Layout
