@@ -11,7 +11,8 @@ Refusals by the contract raise :class:`LedgerError` subclasses (see :mod:`medcha
 from .accounts import ANVIL_DEV_KEYS, derived_account, dev_accounts, embedded_accounts, fund, key_from_env
 from .artifacts import load_artifact
 from .connection import chain_identity, connect, final_block_hash, is_embedded, redact_url
-from .errors import (AlreadyAttested, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
+from .errors import (AlreadyAttested, AlreadyReported, AlreadySealed, AvailabilityNotDue, NoSuchUpdate,
+                     SelfReport, UnsortedReport, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
                      FutureRound, InsufficientFunds, InvalidMember, InvalidTask, LedgerError, LedgerTimeout, NoDeadline,
                      NotAdmin, NotAMember, NotStarted, PayloadTooLarge, QuorumNotReached, RoundClosed,
                      RoundNotClosed, TaskFinished, TooManySamples, TransactionReverted, ZeroDigest,
@@ -29,4 +30,5 @@ __all__ = [
     "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted", "TaskFinished", "FutureRound",
     "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline", "DeadlineNotPassed",
     "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask", "ZeroSamples", "TooManySamples",
+    "AlreadyReported", "NoSuchUpdate", "SelfReport", "UnsortedReport", "AlreadySealed", "AvailabilityNotDue",
 ]

@@ -200,7 +200,31 @@ class LedgerClient:
         """Record this member's digest of the global model after aggregating ``round`` (closed)."""
         return self._transact("attest", _uint(round, 32, "round"), _digest32(digest, "global digest"))
 
+    def report_availability(self, round: int, missing: Sequence[str] = ()):
+        """After ``round`` closed: report the senders of ``round`` whose payload this member could
+        not fetch and verify (empty: everything available). Once per member and round; the report
+        that makes one per active member seals the round's availability. Returns the receipt."""
+        senders = sorted({to_checksum_address(m) for m in missing}, key=lambda a: int(a, 16))
+        return self._transact("reportAvailability", _uint(round, 32, "round"), senders)
+
+    def seal_availability(self, round: int):
+        """Seal ``round``'s availability once every member reported, or after the deadline with the
+        quorum (anyone may call it)."""
+        return self._transact("sealAvailability", _uint(round, 32, "round"))
+
     # ------------------------------------------------------------------ views
+    def availability(self, round: int) -> tuple[int, int]:
+        """``(reports, seal block)`` of ``round``'s data availability (seal block 0: not sealed)."""
+        reports, seal = self._call("availability", _uint(round, 32, "round"))
+        return reports, seal
+
+    def has_reported_availability(self, round: int, member: str) -> bool:
+        return self._call("reportedAvailability", _uint(round, 32, "round"), to_checksum_address(member))[0]
+
+    def is_unavailable(self, round: int, sender: str) -> bool:
+        """Whether ``sender``'s update to ``round`` is excluded as unavailable (False until sealed)."""
+        return self._call("isUnavailable", _uint(round, 32, "round"), to_checksum_address(sender))[0]
+
     def task(self) -> TaskInfo:
         (admin, arch, init, n_rounds, params, deadline, quorum, started, finished,
          cur) = self._call("task")
@@ -288,7 +312,8 @@ class LedgerClient:
 
         Reads ``UpdateSubmitted`` logs of this ledger over ``[roundOpenBlock(r), roundCloseBlock(r)]``
         (or up to the latest block while the round is open). Empty if the round never opened.
-        Each update says whether it was ``withdrawn`` (its sender removed before the round closed).
+        Each update says whether it was ``withdrawn`` (its sender removed before the round closed)
+        and whether it is ``unavailable`` (excluded by the round's sealed availability reports).
         """
         open_block = self.round_open_block(round)
         if open_block == 0:
@@ -301,6 +326,8 @@ class LedgerClient:
         }), what="eth_getLogs", label=self._label)
         out = []
         withdrawn: dict[str, bool] = {}
+        sealed = bool(logs) and self.availability(round)[1] != 0
+        unavailable: dict[str, bool] = {}
         data_types = [t for _, t in ev["data"]]
         for lg in logs:
             topics = lg["topics"]
@@ -310,9 +337,11 @@ class LedgerClient:
             sender = to_checksum_address(sender)
             if sender not in withdrawn:
                 withdrawn[sender] = self.withdrawn(round, sender)
+                unavailable[sender] = sealed and self.is_unavailable(round, sender)
             out.append(Update(r, sender, bytes(digest), n_values, n_samples,
                               bytes(payload), lg["blockNumber"], lg["logIndex"],
-                              "0x" + bytes(lg["transactionHash"]).hex(), withdrawn[sender]))
+                              "0x" + bytes(lg["transactionHash"]).hex(), withdrawn[sender],
+                              unavailable[sender]))
         out.sort(key=lambda u: (u.block_number, u.log_index))
         return out
 
