@@ -33,7 +33,9 @@ pragma solidity ^0.8.24;
 ///        of r by every replica, including one that holds its bytes) iff more than half of the
 ///        reporters other than its sender listed it. With an honest majority of members an
 ///        available update is never excluded and a withheld one always is. Replicas aggregate r
-///        only after the seal.
+///        only after the seal. An update whose payload is inline (in this contract's log) is
+///        always available: replicas ignore the flag for it, and a round whose payloads are all
+///        inline needs no reports at all (nodes skip it).
 contract TaskLedger {
     // ------------------------------------------------------------------ errors
     error NotAdmin(address caller);

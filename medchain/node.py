@@ -26,10 +26,11 @@ Rules this loop follows (all state it needs is on the chain):
   beyond ``max_abs_update``, a wrong ``n_values``) is left out of its round, logged, and the round's
   other updates are aggregated; every honest institution refuses the same updates, so all still
   compute the same model (:meth:`~medchain.protocol.Institution.read_round`). A round with no
-  acceptable update leaves the global model unchanged, on every replica alike. Bounded-but-malicious updates are the job of the task's robust aggregation
-  rule (:mod:`medchain.aggregation`; sample counts are self-reported, the robust rules do not
-  trust them).
-* **Data availability.** Before aggregating a closed round the node reports on chain, once, the
+  acceptable update leaves the global model unchanged, on every replica alike. Bounded-but-malicious
+  updates are the job of the task's robust aggregation rule (:mod:`medchain.aggregation`; sample
+  counts are self-reported, the robust rules do not trust them).
+* **Data availability.** Before aggregating a closed round that holds a digest-only update (payload
+  in the blob store; a round of inline payloads needs nothing) the node reports on chain, once, the
   senders whose payload it cannot fetch from the blob store and verify within ``availability_wait``
   seconds (usually none), then waits until the round's availability is sealed: by the last member's
   report, or after the deadline with the quorum (the node seals it itself then, as anyone may). An
@@ -375,6 +376,7 @@ class InstitutionNode:
         if unknown:
             raise ValueError(f"unknown drill behaviour(s) {sorted(unknown)}; choose from {BEHAVIOURS}")
         self._drilled: set[tuple[int, str]] = set()
+        self._sealed: set[int] = set()          # rounds aggregated after their availability seal
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.me = ledger.account.address
         self.records: list[RoundRecord] = []
@@ -524,7 +526,7 @@ class InstitutionNode:
                 f"the chain lost blocks: ledger {ledger.address} is at round {cur} but this node already "
                 f"replayed {r} round(s) from it (the chain node was restarted from an older state dump). "
                 "Restart this node: it rebuilds the global model from what the chain holds now")
-        if r >= 1 and ledger.availability(r - 1)[1] == 0:   # I aggregated r-1 after its seal
+        if r - 1 in self._sealed and ledger.availability(r - 1)[1] == 0:   # I aggregated r-1 after its seal
             raise NodeError(
                 f"the chain lost blocks: the availability of round {r - 1} of ledger {ledger.address} is no "
                 "longer sealed although this node aggregated that round after its seal (the chain node was "
@@ -573,11 +575,15 @@ class InstitutionNode:
         return False
 
     def _availability_sealed(self, r: int) -> bool:
-        """Round r (closed) may be aggregated once its data availability is sealed on chain. Until
-        then: post this node's report (the payloads it cannot fetch within availability_wait) unless
-        the chain has it, seal the round after the deadline (anyone may), and wait."""
-        from medchain.chain import AlreadyReported, AlreadySealed, LedgerError
+        """Round r (closed) may be aggregated once its data availability is sealed on chain (at once
+        if all its payloads are inline). Until then: post this node's report (the payloads it cannot
+        fetch within availability_wait) unless the chain has it, seal the round when it is due
+        (anyone may), and wait."""
+        from medchain.chain import AlreadyReported, AlreadySealed, LedgerError, RoundNotClosed
         ledger = self.ledger
+        if r not in self._sealed and not self.inst.needs_availability(r):
+            return True
+        self._sealed.add(r)
         if ledger.availability(r)[1]:
             return True
         if not ledger.has_reported_availability(r, self.me):
@@ -587,6 +593,8 @@ class InstitutionNode:
                          f"missing: {', '.join(missing)}" if missing else "every payload fetched and verified")
             except (AlreadyReported, AlreadySealed):
                 pass
+            except RoundNotClosed:   # the chain node came back from an older state: the round is open again
+                log.warning("round %d is open again (the chain node lost blocks); going back to it", r)
             return False
         reports, _ = ledger.availability(r)
         deadline = self.task.round_deadline_blocks
@@ -620,8 +628,8 @@ class InstitutionNode:
                 continue
             delta = self._delta[1]
             payload = codec.encode_update(delta, self.inst.layout.layout_id, total_size=self.inst.layout.size)
-            try:
-                self.ledger.submit_update(r, codec.digest(payload), delta.size, n, payload)
+            try:                                          # digest only: the count is what is tested
+                self.ledger.submit_update(r, codec.digest(payload), delta.size, n)
                 self._drill(r, action, f"n_samples={n} was ACCEPTED by the ledger")
                 self._submitted.add(r)
             except LedgerError as exc:
@@ -1088,7 +1096,6 @@ class Deployment:
         }
         return rows, summary
 
-
     def _what_happened(self, reader, observer) -> dict:
         """What the chain and the nodes' drill records say happened beyond plain rounds: updates left
         out (withdrawn, unavailable, refused payloads) and why, attestations that differ from the
@@ -1123,7 +1130,7 @@ class Deployment:
         lines += [f"{m} was removed from the task by the admin" for m in removed]
         unavailable = {}
         for r in range(self.cfg.rounds):
-            gone = [u.sender for u in reader.updates(r) if u.unavailable]
+            gone = [u.sender for u in reader.updates(r) if u.unavailable and not u.payload]
             if gone:
                 unavailable[str(r)] = gone
         return {"unavailable_updates": unavailable, "attestation_mismatches": mismatches,

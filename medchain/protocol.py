@@ -342,7 +342,7 @@ class Institution:
                 refused.append((rec.sender, "withdrawn: the member was removed before the round closed"))
                 log.warning("round %d: left out the update of %s (removed before the round closed)", r, rec.sender)
                 continue
-            if getattr(rec, "unavailable", False):
+            if getattr(rec, "unavailable", False) and not rec.payload:   # an inline payload is always there
                 refused.append((rec.sender, "unavailable: a majority of the other members could not fetch its "
                                             "payload (sealed on chain)"))
                 log.warning("round %d: left out the update of %s (payload unavailable, sealed on chain)", r, rec.sender)
@@ -372,6 +372,13 @@ class Institution:
         self.timings["chain"] += t1 - t0
         self.timings["replay"] += time.perf_counter() - t1
         return out
+
+    def needs_availability(self, r: int) -> bool:
+        """Whether round r (closed) holds an update whose payload lives off chain (digest only, not
+        withdrawn): only then can an update be unavailable, and only then do deployed nodes report
+        and wait for the round's availability seal. A round whose payloads are all inline (in the
+        chain's log) is aggregated at once: every replica has the bytes."""
+        return any(not u.payload and not getattr(u, "withdrawn", False) for u in self.ledger.updates(r))
 
     def missing_payloads(self, r: int, *, wait: float = 0.0, poll: float = 0.2) -> list[str]:
         """Senders of round r's (closed) updates whose payload this institution cannot fetch from its

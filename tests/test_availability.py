@@ -161,6 +161,28 @@ def test_with_a_deadline_a_silent_member_cannot_hold_the_seal_back():
     assert len({inst.apply_round(0) for inst in insts}) == 1
 
 
+def test_an_inline_payload_is_never_unavailable():
+    """A round whose payloads are all inline needs no reports (every replica has the bytes). Even a
+    sealed false report against an inline update — here a single hostile reporter, with quorum 1
+    after the deadline — does not make any replica leave it out."""
+    admin, insts, _ = _task(3, deadline=2, quorum=1)
+    before = insts[0].global_vec.copy()
+    idx = np.arange(10)
+    values = [np.full(10, 1e-3 * (k + 1), np.float32) for k in range(3)]
+    for inst, v in zip(insts, values):
+        p = codec.encode_update(v, inst.layout.layout_id, indices=idx, total_size=inst.layout.size)
+        inst.ledger.submit_update(0, codec.digest(p), v.size, 20, p)       # payload inline
+    assert not any(inst.needs_availability(0) for inst in insts)
+    insts[2].ledger.report_availability(0, [_addr(insts[0])])
+    advance_blocks(admin.w3, 3)
+    admin.seal_availability(0)
+    assert admin.is_unavailable(0, _addr(insts[0]))     # the contract cannot tell the payload was inline
+    assert len({inst.apply_round(0) for inst in insts}) == 1
+    for inst in insts:
+        assert inst.refused[0] == []
+        assert np.allclose(inst.global_vec[:10] - before[:10], 2e-3, atol=1e-7)   # all three averaged
+
+
 def test_availability_gas_is_modest():
     """Gas of a report (empty, and listing one sender) and of an ordinary digest-only update (before
     the availability reports existed: 100,463 for the first update of a round)."""
