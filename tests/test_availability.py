@@ -199,3 +199,16 @@ def test_availability_gas_is_modest():
     # one listing a sender 87,261 (a third), the sealing one 60,959
     assert empty < 80_000 and one < 95_000 and sealing < 70_000
     assert max(gas_update) < 101_000
+
+
+def test_drill_specs_combine_one_value_attack_with_behaviours():
+    from medchain.node import check_byzantine, parse_drill
+    assert parse_drill("signflip:5+withhold-blob") == ("signflip", 5.0, frozenset({"withhold-blob"}))
+    assert parse_drill("zero-samples+huge-samples+garbage-attest+withhold-blob")[2] == \
+        frozenset({"zero-samples", "huge-samples", "garbage-attest", "withhold-blob"})
+    with pytest.raises(ValueError, match="two value attacks"):
+        parse_drill("signflip+huge")
+    with pytest.raises(ValueError, match="unknown attack 'withhold'.*withhold-blob"):
+        parse_drill("withhold")
+    with pytest.raises(ValueError, match=r"--byzantine 1:huge:-3: .*finite number > 0"):
+        check_byzantine({1: "huge:-3"}, 2)
