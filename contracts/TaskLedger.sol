@@ -24,6 +24,18 @@ pragma solidity ^0.8.24;
 ///        leading (majority) digest is the one with the most attestations (the earlier one wins a
 ///        tie). An attestation that differs from the leading digest at the time it is made is
 ///        recorded, counted and flagged by `AttestationMismatch` — never rejected.
+///      - Data availability (a member may post a digest whose payload it never stores): once round r
+///        closed, every member posts one `reportAvailability(r, missing)` listing the senders of r
+///        whose payload it could not fetch and verify (usually none). Round r's availability is
+///        *sealed* by the report that makes it one per active member, or, with a deadline, by
+///        `sealAvailability(r)` once `roundDeadlineBlocks` blocks passed since r closed and `quorum`
+///        members reported. From the seal on nothing changes: an update is *unavailable* (left out
+///        of r by every replica, including one that holds its bytes) iff more than half of the
+///        reporters other than its sender listed it. With an honest majority of members an
+///        available update is never excluded and a withheld one always is. Replicas aggregate r
+///        only after the seal. An update whose payload is inline (in this contract's log) is
+///        always available: replicas ignore the flag for it, and a round whose payloads are all
+///        inline needs no reports at all (nodes skip it).
 contract TaskLedger {
     // ------------------------------------------------------------------ errors
     error NotAdmin(address caller);
@@ -45,6 +57,12 @@ contract TaskLedger {
     error InvalidTask(string reason);
     error ZeroSamples();
     error TooManySamples(uint64 nSamples, uint64 maxSamples);
+    error AlreadyReported(uint32 round, address member);
+    error NoSuchUpdate(uint32 round, address sender);
+    error SelfReport(uint32 round, address member);
+    error UnsortedReport(uint32 round);
+    error AlreadySealed(uint32 round);
+    error AvailabilityNotDue(uint32 round, uint32 reports, uint32 members, uint64 deadlineBlock);
 
     // ------------------------------------------------------------------ events
     event MemberAdded(address indexed member);
@@ -63,6 +81,8 @@ contract TaskLedger {
     );
     event Attested(uint32 indexed round, address indexed member, bytes32 digest);
     event AttestationMismatch(uint32 indexed round, address indexed member, bytes32 digest, bytes32 majorityDigest);
+    event AvailabilityReported(uint32 indexed round, address indexed member, address[] missing);
+    event AvailabilitySealed(uint32 indexed round, uint64 blockNumber, uint32 reports);
 
     // ------------------------------------------------------------------ task metadata
     address public immutable admin;
@@ -100,6 +120,15 @@ contract TaskLedger {
         uint32 mismatches;
     }
     mapping(uint32 => RoundAttestations) private _att;
+
+    // Availability of round r's payloads: reports so far and the seal block (0 = not sealed), one slot.
+    struct Availability {
+        uint32 reports;
+        uint64 sealBlock;
+    }
+    mapping(uint32 => Availability) public availability;
+    mapping(uint32 => mapping(address => bool)) public reportedAvailability;
+    mapping(uint32 => mapping(address => uint32)) public unavailableReports;
 
     constructor(
         string memory modelArch_,
@@ -254,6 +283,57 @@ contract TaskLedger {
         // roundOpenBlock is never 0 for an opened round: start() runs in a block after genesis.
         if (roundDeadlineBlocks == 0 || roundOpenBlock[round] == 0) return 0;
         return roundOpenBlock[round] + roundDeadlineBlocks;
+    }
+
+    // ------------------------------------------------------------------ data availability
+    /// @notice After round `round` closed: the senders of `round` whose payload this member could
+    ///         not fetch and verify, in strictly increasing address order (empty: all available).
+    ///         Once per member and round, before the round's availability is sealed.
+    function reportAvailability(uint32 round, address[] calldata missing) external onlyMember {
+        if (round >= currentRound || !started) revert RoundNotClosed(round, currentRound);
+        Availability storage a = availability[round];
+        if (a.sealBlock != 0) revert AlreadySealed(round);
+        if (reportedAvailability[round][msg.sender]) revert AlreadyReported(round, msg.sender);
+        address prev = address(0);
+        for (uint256 i = 0; i < missing.length; i++) {
+            address s = missing[i];
+            if (s <= prev) revert UnsortedReport(round);
+            if (s == msg.sender) revert SelfReport(round, msg.sender);
+            if (!hasSubmitted[round][s] || withdrawn[round][s]) revert NoSuchUpdate(round, s);
+            unavailableReports[round][s] += 1;
+            prev = s;
+        }
+        reportedAvailability[round][msg.sender] = true;
+        uint32 n = a.reports + 1;
+        a.reports = n;
+        emit AvailabilityReported(round, msg.sender, missing);
+        if (n >= _members.length) _seal(round, a);
+    }
+
+    /// @notice Seals round `round`'s availability when every active member reported, or (task with a
+    ///         deadline) once `roundDeadlineBlocks` blocks passed since it closed with `quorum` reports.
+    function sealAvailability(uint32 round) external {
+        if (round >= currentRound || !started) revert RoundNotClosed(round, currentRound);
+        Availability storage a = availability[round];
+        if (a.sealBlock != 0) revert AlreadySealed(round);
+        uint64 deadline = roundDeadlineBlocks == 0 ? 0 : roundCloseBlock[round] + roundDeadlineBlocks;
+        bool all = a.reports >= _members.length;
+        bool late = deadline != 0 && uint64(block.number) > deadline && a.reports >= quorum;
+        if (!all && !late) revert AvailabilityNotDue(round, a.reports, uint32(_members.length), deadline);
+        _seal(round, a);
+    }
+
+    function _seal(uint32 round, Availability storage a) private {
+        a.sealBlock = uint64(block.number);
+        emit AvailabilitySealed(round, uint64(block.number), a.reports);
+    }
+
+    /// @notice Whether `sender`'s update to `round` is excluded as unavailable (false until sealed).
+    function isUnavailable(uint32 round, address sender) external view returns (bool) {
+        Availability storage a = availability[round];
+        if (a.sealBlock == 0) return false;
+        uint32 others = a.reports - (reportedAvailability[round][sender] ? 1 : 0);
+        return 2 * uint256(unavailableReports[round][sender]) > others;
     }
 
     // ------------------------------------------------------------------ attestations

@@ -26,12 +26,19 @@ Rules this loop follows (all state it needs is on the chain):
   beyond ``max_abs_update``, a wrong ``n_values``) is left out of its round, logged, and the round's
   other updates are aggregated; every honest institution refuses the same updates, so all still
   compute the same model (:meth:`~medchain.protocol.Institution.read_round`). A round with no
-  acceptable update leaves the global model unchanged, on every replica alike. A payload that is *missing* from the blob store (or corrupted
-  there) is not refused but raises — another institution may hold the right bytes, and refusing it
-  locally would fork this replica (data availability is the blob store's job: keep payloads inline
-  or share the store). Bounded-but-malicious updates are the job of the task's robust aggregation
-  rule (:mod:`medchain.aggregation`; sample counts are self-reported, the robust rules do not
-  trust them).
+  acceptable update leaves the global model unchanged, on every replica alike. Bounded-but-malicious
+  updates are the job of the task's robust aggregation rule (:mod:`medchain.aggregation`; sample
+  counts are self-reported, the robust rules do not trust them).
+* **Data availability.** Before aggregating a closed round that holds a digest-only update (payload
+  in the blob store; a round of inline payloads needs nothing) the node reports on chain, once, the
+  senders whose payload it cannot fetch from the blob store and verify within ``availability_wait``
+  seconds (usually none), then waits until the round's availability is sealed: by the last member's
+  report, or after the deadline with the quorum (the node seals it itself then, as anyone may). An
+  update that more than half of the other reporters listed is left out by every replica, even by
+  one that has its bytes (contracts/TaskLedger.sol): a member that posts a digest and withholds the
+  payload cannot stall the task, and, with an honest majority, cannot get an available update
+  excluded either. A member that withholds its report stalls a task without a deadline, as one that
+  withholds its update does; the remedy is the same (a deadline, or the admin removes it).
 * **Attestations.** After attesting round r the node checks every attestation recorded so far for
   r (and, for late ones, for r − 1); any that differs stops it with
   :class:`~medchain.protocol.AttestationMismatchError` (never silently ignored; a member that
@@ -74,11 +81,15 @@ import numpy as np
 log = logging.getLogger("medchain.node")
 
 __all__ = ["NodeError", "NodeResult", "RoundRecord", "config_from_task", "task_params", "create_task",
-           "run_node", "InstitutionNode", "load_institution", "byzantine_select", "ATTACKS",
+           "run_node", "InstitutionNode", "load_institution", "byzantine_select", "ATTACKS", "BEHAVIOURS",
+           "parse_drill",
            "Deployment", "NodeProcess", "rebuild_global", "KEY_ENV"]
 
 KEY_ENV = "MEDCHAIN_NODE_KEY"           # environment variable the drill passes each node's key in
 ATTACKS = ("signflip", "scale", "random", "huge")
+#: Drill behaviours of a hostile member beyond its update's values (combine with '+'): try to submit
+#: with 0 and with 2**64-1 samples, attest a garbage digest, post a digest whose payload it never stores.
+BEHAVIOURS = ("zero-samples", "huge-samples", "garbage-attest", "withhold-blob")
 
 
 class NodeError(RuntimeError):
@@ -123,13 +134,13 @@ def create_task(w3, admin, cfg, members: list[str], *, n_classes: int, in_chans:
     ledger's cap on reported sample counts is ``cfg.max_samples`` (None: 2**64 − 1, logged as a
     warning with rule ``mean``, where one member could then outweigh all others)."""
     from medchain.chain import deploy_ledger
-    from medchain.chain.ledger import _member_address
+    from medchain.chain.ledger import member_address
     from medchain.models import build_model
     from medchain.params import Layout, digest_vector, model_vector
 
     if not members:
         raise ValueError("a task needs at least one member address")
-    members = [_member_address(m) for m in members]
+    members = [member_address(m) for m in members]
     dup = sorted({m for m in members if members.count(m) > 1})
     if dup:
         raise ValueError(f"member address(es) listed more than once: {', '.join(dup)}")
@@ -178,6 +189,33 @@ def byzantine_select(kind: str, scale: float | None = None, seed: int = 0
     return select
 
 
+def parse_drill(spec: str) -> tuple[str | None, float | None, frozenset[str]]:
+    """``"signflip:5+withhold-blob"`` → ``("signflip", 5.0, {"withhold-blob"})``: at most one value
+    attack (:data:`ATTACKS`, optional scale) and any of :data:`BEHAVIOURS`, joined by '+'.
+    ValueError naming the known kinds otherwise."""
+    attack, scale, behaviours = None, None, set()
+    for part in filter(None, (p.strip() for p in str(spec).split("+"))):
+        kind, _, sc = part.partition(":")
+        if kind in BEHAVIOURS and not sc:
+            behaviours.add(kind)
+            continue
+        if kind not in ATTACKS:
+            raise ValueError(f"unknown attack {kind!r}; choose one of {ATTACKS} (with an optional :SCALE) "
+                             f"and/or {BEHAVIOURS}, joined by '+'")
+        if attack is not None:
+            raise ValueError(f"drill {spec!r} names two value attacks ({attack}, {kind}); give at most one")
+        try:
+            value = float(sc) if sc else None
+        except ValueError:
+            raise ValueError(f"drill {spec!r}: the scale {sc!r} is not a number") from None
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"drill {spec!r}: the scale must be a finite number > 0")
+        attack, scale = kind, value
+    if attack is None and not behaviours:
+        raise ValueError(f"empty drill {spec!r}; choose from {ATTACKS} and/or {BEHAVIOURS}")
+    return attack, scale, frozenset(behaviours)
+
+
 def check_byzantine(byzantine: dict[int, str], processes: int) -> dict[int, str]:
     """``byzantine`` ({index: "kind[:scale]"}) if every index names one of the ``processes``
     institutions and every attack is known; ValueError naming the valid range otherwise (an index
@@ -187,14 +225,10 @@ def check_byzantine(byzantine: dict[int, str], processes: int) -> dict[int, str]
         if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < processes:
             raise ValueError(f"--byzantine index {i} is out of range: with {processes} process(es) the "
                              f"institutions are numbered 0..{processes - 1}")
-        kind, _, scale = str(spec).partition(":")
         try:
-            value = float(scale) if scale else None
-        except ValueError:
-            raise ValueError(f"--byzantine {i}:{spec}: the scale {scale!r} is not a number") from None
-        if value is not None and not (np.isfinite(value) and value > 0):
-            raise ValueError(f"--byzantine {i}:{spec}: the scale must be a finite number > 0")
-        byzantine_select(kind, value)            # unknown kind: ValueError naming the known ones
+            parse_drill(spec)                    # unknown kind: ValueError naming the known ones
+        except ValueError as exc:
+            raise ValueError(f"--byzantine {i}:{spec}: {exc}") from None
         out[int(i)] = str(spec)
     return out
 
@@ -322,17 +356,27 @@ class InstitutionNode:
     its institution index) chooses — pass the same selector to the in-process simulation to compare.
     poll_interval: seconds between chain polls while waiting. rpc_timeout: how long the node keeps
     retrying an unreachable RPC endpoint before it stops. round_timeout: how long it waits for one
-    round to close. metrics_path: JSON lines, one per closed round and a final one.
+    round to close. availability_wait: how long it waits for a payload missing from the blob store
+    before reporting it unavailable. metrics_path: JSON lines, one per closed round and a final one.
+    hostile: drill behaviours (:data:`BEHAVIOURS`) this node acts out besides ``select``.
     """
 
     def __init__(self, ledger, data, n_classes: int | None = None, *, store=None, select=None,
                  poll_interval: float = 0.2, rpc_timeout: float = 120.0, round_timeout: float = 3600.0,
-                 metrics_path: str | Path | None = None):
+                 availability_wait: float = 5.0, metrics_path: str | Path | None = None,
+                 hostile: frozenset[str] = frozenset()):
         self.ledger = ledger
         self.data, self.n_classes = data, n_classes
         self.store, self.select = store, select
         self.poll_interval = poll_interval
         self.rpc_timeout, self.round_timeout = rpc_timeout, round_timeout
+        self.availability_wait = availability_wait
+        self.hostile = frozenset(hostile)
+        unknown = self.hostile - set(BEHAVIOURS)
+        if unknown:
+            raise ValueError(f"unknown drill behaviour(s) {sorted(unknown)}; choose from {BEHAVIOURS}")
+        self._drilled: set[tuple[int, str]] = set()
+        self._sealed: set[int] = set()          # rounds aggregated after their availability seal
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.me = ledger.account.address
         self.records: list[RoundRecord] = []
@@ -437,8 +481,12 @@ class InstitutionNode:
         if self._pending_attest is not None:                 # attest a round already aggregated
             from medchain.chain import AlreadyAttested, RoundNotClosed
             r, digest = self._pending_attest
+            attested = digest
+            if "garbage-attest" in self.hostile:             # drill: attest a digest nobody computed
+                import hashlib
+                attested = hashlib.sha256(b"garbage-%d" % r).digest()
             try:
-                ledger.attest(r, digest)
+                ledger.attest(r, attested)
             except AlreadyAttested:                          # done before a restart or a dropped connection
                 pass
             except RoundNotClosed:                           # it was closed when this node replayed it
@@ -453,9 +501,12 @@ class InstitutionNode:
                     raise
                 log.warning("round %d: my attestation reverted (%s); sending it again", r, exc)
                 return False
-            check_attestations(ledger, r, digest)
-            if r >= 1 and self._last_digest is not None:     # late attestations of the round before
-                check_attestations(ledger, r - 1, self._last_digest)
+            if attested != digest:
+                self._drill(r, "garbage-attest", f"attested {attested.hex()[:16]}… instead of {digest.hex()[:16]}…")
+            else:
+                check_attestations(ledger, r, digest)
+                if r >= 1 and self._last_digest is not None:     # late attestations of the round before
+                    check_attestations(ledger, r - 1, self._last_digest)
             self._last_digest = digest
             self._pending_attest = None
             self._log_round(r, digest)
@@ -475,7 +526,15 @@ class InstitutionNode:
                 f"the chain lost blocks: ledger {ledger.address} is at round {cur} but this node already "
                 f"replayed {r} round(s) from it (the chain node was restarted from an older state dump). "
                 "Restart this node: it rebuilds the global model from what the chain holds now")
+        if r - 1 in self._sealed and ledger.availability(r - 1)[1] == 0:   # I aggregated r-1 after its seal
+            raise NodeError(
+                f"the chain lost blocks: the availability of round {r - 1} of ledger {ledger.address} is no "
+                "longer sealed although this node aggregated that round after its seal (the chain node was "
+                "restarted from an older state dump). Restart this node: it rebuilds the global model from "
+                "what the chain holds now")
         if r < cur:                                          # round r closed: replay it
+            if not self._availability_sealed(r):
+                return False
             digest = inst.apply_round(r)
             self._pending_attest = (r, digest)
             self._waiting_since = None
@@ -490,7 +549,10 @@ class InstitutionNode:
                              self._first_train - self._process_start)
                 self._delta = (r, inst.train_round(r))
             try:
-                inst.upload(r, self._delta[1])
+                self._drill_sample_counts(r)
+                inst.upload(r, self._delta[1], withhold="withhold-blob" in self.hostile)
+                if "withhold-blob" in self.hostile:
+                    self._drill(r, "withhold-blob", "submitted a digest whose payload it stores nowhere")
                 self._submitted.add(r)
                 log.debug("round %d: update submitted", r)
             except RoundClosed:
@@ -511,6 +573,68 @@ class InstitutionNode:
         self._maybe_close(r)                                 # submitted: wait for the round to close
         self._wait(f"round {r} to close")
         return False
+
+    def _availability_sealed(self, r: int) -> bool:
+        """Round r (closed) may be aggregated once its data availability is sealed on chain (at once
+        if all its payloads are inline). Until then: post this node's report (the payloads it cannot
+        fetch within availability_wait) unless the chain has it, seal the round when it is due
+        (anyone may), and wait."""
+        from medchain.chain import AlreadyReported, AlreadySealed, LedgerError, RoundNotClosed
+        ledger = self.ledger
+        if r not in self._sealed and not self.inst.needs_availability(r):
+            return True
+        self._sealed.add(r)
+        if ledger.availability(r)[1]:
+            return True
+        if not ledger.has_reported_availability(r, self.me):
+            try:
+                missing = self.inst.report_availability(r, wait=self.availability_wait)
+                log.info("round %d: availability reported (%s)", r,
+                         f"missing: {', '.join(missing)}" if missing else "every payload fetched and verified")
+            except (AlreadyReported, AlreadySealed):
+                pass
+            except RoundNotClosed:   # the chain node came back from an older state: the round is open again
+                log.warning("round %d is open again (the chain node lost blocks); going back to it", r)
+            return False
+        reports, _ = ledger.availability(r)
+        deadline = self.task.round_deadline_blocks
+        # due: every active member reported (one was removed after the others reported), or the
+        # deadline passed with the quorum; anyone may seal then
+        due = reports >= len(ledger.members()) or (
+            deadline and reports >= self.task.quorum and ledger.block_number() > ledger.round_close_block(r) + deadline)
+        if due:
+            try:
+                ledger.seal_availability(r)
+                log.info("round %d: availability sealed with %d report(s)", r, reports)
+                return True
+            except LedgerError as exc:           # someone else sealed it first
+                log.debug("sealAvailability(%d) refused: %s", r, exc)
+        self._wait(f"the other members' availability reports of round {r}")
+        return False
+
+    def _drill(self, r: int, action: str, outcome: str, refused: bool = False) -> None:
+        """Log and record one drill action of a hostile node (metrics event "drill")."""
+        log.warning("DRILL round %d: %s: %s", r, action, outcome)
+        self._write_metrics({"event": "drill", "round": r, "action": action, "refused": refused,
+                             "outcome": outcome})
+
+    def _drill_sample_counts(self, r: int) -> None:
+        """Drill: before its real update, try to submit one claiming 0 and one claiming 2**64-1
+        samples (the ledger refuses both; recorded as refused)."""
+        from medchain import codec
+        from medchain.chain import LedgerError
+        for action, n in (("zero-samples", 0), ("huge-samples", 2 ** 64 - 1)):
+            if action not in self.hostile or (r, action) in self._drilled:
+                continue
+            delta = self._delta[1]
+            payload = codec.encode_update(delta, self.inst.layout.layout_id, total_size=self.inst.layout.size)
+            try:                                          # digest only: the count is what is tested
+                self.ledger.submit_update(r, codec.digest(payload), delta.size, n)
+                self._drill(r, action, f"n_samples={n} was ACCEPTED by the ledger")
+                self._submitted.add(r)
+            except LedgerError as exc:
+                self._drill(r, action, f"refused by the ledger: {exc}", refused=True)
+            self._drilled.add((r, action))
 
     def _wait(self, what: str) -> None:
         now = time.monotonic()
@@ -628,7 +752,8 @@ class InstitutionNode:
 
 def run_node(rpc: str, ledger_address: str, account, data, n_classes: int | None = None, *, store=None, select=None,
              poll_interval: float = 0.2, rpc_timeout: float = 120.0, round_timeout: float = 3600.0,
-             metrics_path: str | Path | None = None) -> NodeResult:
+             availability_wait: float = 5.0, metrics_path: str | Path | None = None,
+             hostile: frozenset[str] = frozenset()) -> NodeResult:
     """Run one institution until the task ends (see the module docstring). ``account``: its signing
     account (e.g. :func:`medchain.chain.key_from_env`). ``data``: its InstitutionData, or a callable
     ``cfg -> (InstitutionData, n_classes)`` (see :class:`InstitutionNode`)."""
@@ -648,7 +773,8 @@ def run_node(rpc: str, ledger_address: str, account, data, n_classes: int | None
     # depends on the other members' updates mined just before it; unused gas is not charged
     ledger = LedgerClient(w3, ledger_address, account, gas_margin=1.2)
     node = InstitutionNode(ledger, data, n_classes, store=store, select=select, poll_interval=poll_interval,
-                           rpc_timeout=rpc_timeout, round_timeout=round_timeout, metrics_path=metrics_path)
+                           rpc_timeout=rpc_timeout, round_timeout=round_timeout,
+                           availability_wait=availability_wait, metrics_path=metrics_path, hostile=hostile)
     return node.run()
 
 
@@ -954,6 +1080,7 @@ class Deployment:
             "processes": self.n, "rounds": self.cfg.rounds, "aggregation": self.cfg.aggregation,
             "byzantine": {str(k): v for k, v in self.byzantine.items()},
             "refused_updates": {str(r): [s for s, _ in v] for r, v in observer.refused.items() if v},
+            **self._what_happened(reader, observer),
             "wall_s": round(span, 3),
             "rounds_per_min": round(60 * self.cfg.rounds / span, 2) if span > 0 else None,
             "round_s_steady": None if round_s is None else round(round_s, 3),
@@ -968,6 +1095,46 @@ class Deployment:
             "anvil_peak_rss_mb": _proc_peak_rss_mb(getattr(getattr(self.chain, "_proc", None), "pid", None)),
         }
         return rows, summary
+
+    def _what_happened(self, reader, observer) -> dict:
+        """What the chain and the nodes' drill records say happened beyond plain rounds: updates left
+        out (withdrawn, unavailable, refused payloads) and why, attestations that differ from the
+        majority, members no longer active, drill actions and whether the ledger refused them; plus
+        ``what_happened``, the same as one sentence per fact."""
+        who = {a.address: i for i, a in enumerate(self.accounts[1:])}
+
+        def name(addr: str) -> str:
+            return f"institution {who[addr]}" if addr in who else addr
+
+        active = set(reader.members())
+        removed = sorted(name(a) for a in who if a not in active)
+        mismatches, lines = {}, []
+        for r in range(self.cfg.rounds):
+            majority = reader.majority_digest(r)
+            bad = [a.member for a in reader.attestations(r) if a.digest != majority]
+            if bad:
+                mismatches[str(r)] = bad
+                lines += [f"round {r}: {name(m)} attested a global digest that differs from the majority"
+                          + (" (its attestation no longer counts: removed)" if m not in active else "")
+                          for m in bad]
+        for r, refused in sorted(observer.refused.items()):
+            lines += [f"round {r}: the update of {name(s)} was left out by every replica: {why}" for s, why in refused]
+        drills = [{"institution": p.index, **{k: m[k] for k in ("round", "action", "refused", "outcome")}}
+                  for p in self.nodes for m in p.metrics() if m["event"] == "drill"]
+        seen = set()
+        for d in drills:                     # a node restarted mid-round may repeat an action: once each
+            key = (d["institution"], d["round"], d["action"])
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"round {d['round']}: institution {d['institution']} (drill) {d['action']}: {d['outcome']}")
+        lines += [f"{m} was removed from the task by the admin" for m in removed]
+        unavailable = {}
+        for r in range(self.cfg.rounds):
+            gone = [u.sender for u in reader.updates(r) if u.unavailable and not u.payload]
+            if gone:
+                unavailable[str(r)] = gone
+        return {"unavailable_updates": unavailable, "attestation_mismatches": mismatches,
+                "removed_members": removed, "drill_actions": drills, "what_happened": lines}
 
 
 LOCK_NAME = ".medchain-run.lock"

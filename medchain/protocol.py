@@ -10,7 +10,9 @@ Each :class:`Institution` holds only its own private data. One round ``r``:
    in the blob store) to the ledger with its sample count;
 3. once the round has closed, every institution *independently* reads the round's updates from the
    ledger in chain order, verifies each payload against its on-chain digest, decodes it strictly and
-   aggregates deterministically (:mod:`medchain.aggregation`) into the next global model;
+   aggregates deterministically (:mod:`medchain.aggregation`) into the next global model (deployed
+   nodes first report which payloads they could not fetch and wait for the round's availability to
+   be sealed on chain: an update a majority cannot fetch is left out by every replica);
 4. each attests the digest of the global model it computed; all attestations must agree, otherwise
    the run stops with :class:`AttestationMismatchError` naming the round.
 
@@ -277,8 +279,10 @@ class Institution:
         self.timings["train"] += time.perf_counter() - t0
         return (trained.astype(np.float64) - start.astype(np.float64)).astype(np.float32)
 
-    def upload(self, r: int, delta: np.ndarray) -> bytes:
-        """Select, encode, place and submit round r's update; returns its digest."""
+    def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
+        """Select, encode, place and submit round r's update; returns its digest. ``withhold``
+        (drills only): submit the digest alone and store the payload nowhere, as a member trying to
+        stall the task would."""
         t0 = time.perf_counter()
         if self.select is not None:
             idx, vals = self.select(delta, r)
@@ -292,7 +296,10 @@ class Institution:
                                "coordinates; refusing to share them")
         self.last_upload = (idx, vals)
         payload = codec.encode_update(vals, self.layout.layout_id, indices=idx, total_size=self.layout.size)
-        digest, inline = place_payload(payload, self.store, self.cfg.max_inline_bytes)
+        if withhold:
+            digest, inline = codec.digest(payload), b""
+        else:
+            digest, inline = place_payload(payload, self.store, self.cfg.max_inline_bytes)
         t1 = time.perf_counter()
         self.ledger.submit_update(r, digest, len(vals), self.n_samples, inline)
         t2 = time.perf_counter()
@@ -312,10 +319,16 @@ class Institution:
         the same updates and aggregates the rest. A payload missing from this institution's blob
         store, or stored bytes that do not match the digest, is a *local* problem (another
         institution may hold the right bytes): it raises (BlobNotFound / DigestMismatch) instead of
-        being refused, since refusing it here alone would make this replica diverge.
+        being refused, since refusing it here alone would make this replica diverge; a payload that
+        a majority of the members cannot fetch becomes an on-chain exclusion through the
+        availability reports (:meth:`report_availability`), which deployed nodes post and wait to
+        see sealed before they aggregate a round.
 
         Also left out, before any payload is read: an update the ledger marks ``withdrawn`` (its
-        sender was removed before the round closed; final once the round closed) and one whose
+        sender was removed before the round closed; final once the round closed), one it marks
+        ``unavailable`` (the round's sealed availability reports say a majority of the other members
+        could not fetch its payload -- left out even where the bytes are at hand, so that the chain,
+        not local blob luck, decides; see :meth:`missing_payloads`), and one whose
         ``n_samples`` is 0 or above the task's ``max_samples`` (the contract already refuses both;
         the check keeps the chain-free reference and older ledgers to the same rule).
         """
@@ -328,6 +341,11 @@ class Institution:
             if getattr(rec, "withdrawn", False):
                 refused.append((rec.sender, "withdrawn: the member was removed before the round closed"))
                 log.warning("round %d: left out the update of %s (removed before the round closed)", r, rec.sender)
+                continue
+            if getattr(rec, "unavailable", False) and not rec.payload:   # an inline payload is always there
+                refused.append((rec.sender, "unavailable: a majority of the other members could not fetch its "
+                                            "payload (sealed on chain)"))
+                log.warning("round %d: left out the update of %s (payload unavailable, sealed on chain)", r, rec.sender)
                 continue
             if rec.n_samples < 1 or (cap is not None and rec.n_samples > cap):
                 why = (f"n_samples={rec.n_samples} is outside [1, {cap if cap is not None else 2 ** 64 - 1}] "
@@ -354,6 +372,54 @@ class Institution:
         self.timings["chain"] += t1 - t0
         self.timings["replay"] += time.perf_counter() - t1
         return out
+
+    def needs_availability(self, r: int) -> bool:
+        """Whether round r (closed) holds an update whose payload lives off chain (digest only, not
+        withdrawn): only then can an update be unavailable, and only then do deployed nodes report
+        and wait for the round's availability seal. A round whose payloads are all inline (in the
+        chain's log) is aggregated at once: every replica has the bytes."""
+        return any(not u.payload and not getattr(u, "withdrawn", False) for u in self.ledger.updates(r))
+
+    def missing_payloads(self, r: int, *, wait: float = 0.0, poll: float = 0.2) -> list[str]:
+        """Senders of round r's (closed) updates whose payload this institution cannot fetch from its
+        blob store and verify against the on-chain digest, waiting up to ``wait`` seconds for late
+        ones: what it reports on chain (:meth:`report_availability`). Its own update, inline
+        payloads (they are in the chain's log) and updates left out anyway (withdrawn) are not
+        checked."""
+        from medchain.blobstore import BlobNotFound
+
+        me = getattr(self.ledger, "account", None)
+        me = getattr(me, "address", me)
+        pending = [u for u in self.ledger.updates(r)
+                   if not u.payload and not getattr(u, "withdrawn", False) and u.sender != me]
+        t_end = time.monotonic() + max(0.0, wait)
+        while True:
+            missing = []
+            for u in pending:
+                try:
+                    fetch_payload(u.digest, b"", self.store)
+                except (BlobNotFound, codec.DigestMismatch, OSError):
+                    missing.append(u)
+            if not missing or time.monotonic() >= t_end:
+                return sorted({u.sender for u in missing})
+            pending = missing
+            time.sleep(poll)
+
+    def report_availability(self, r: int, *, wait: float = 0.0) -> list[str]:
+        """Post this institution's availability report of round r (closed): the senders whose payload
+        it could not fetch (:meth:`missing_payloads`). Every member reports once per round; the
+        report that completes them seals the round (contracts/TaskLedger.sol). Returns the senders
+        reported. A ledger without availability reports (the chain-free reference) is left alone."""
+        if not hasattr(self.ledger, "report_availability"):
+            return []
+        missing = self.missing_payloads(r, wait=wait)
+        if missing:
+            log.warning("round %d: payload(s) of %s not in the blob store or not matching their digest; "
+                        "reporting them unavailable", r, ", ".join(missing))
+        t0 = time.perf_counter()
+        self.ledger.report_availability(r, missing)
+        self.timings["chain"] += time.perf_counter() - t0
+        return missing
 
     def apply_round(self, r: int) -> bytes:
         """Replay round r from the ledger and aggregate its accepted updates into the global model

@@ -35,7 +35,9 @@ class TaskInfo:
 class Update:
     """One ``UpdateSubmitted`` event. ``payload`` is empty when it lives in the blob store.
     ``withdrawn``: its sender was removed before the round closed (and not re-added), so the update
-    does not count; final once the round closed (closed rounds never change)."""
+    does not count; final once the round closed (closed rounds never change). ``unavailable``: the
+    round's availability is sealed and a majority of the other reporting members could not fetch
+    its payload, so every replica leaves it out (contracts/TaskLedger.sol, data availability)."""
     round: int
     sender: str
     digest: bytes
@@ -46,6 +48,7 @@ class Update:
     log_index: int
     tx_hash: str
     withdrawn: bool = False
+    unavailable: bool = False
 
     @property
     def payload_size(self) -> int:

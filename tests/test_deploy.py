@@ -4,56 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from eth_account import Account
 
 from medchain.chain.anvil import AnvilNode, AnvilNotFound, find_anvil
-from medchain.training import torch_threads
-
 
 from conftest import ANVIL_MISSING as _MISSING, needs_anvil  # noqa: E402
-
-SIZE = 12          # 12×12 toy images: the cnn accepts any size and trains fast (lenet needs 28×28)
-
-
-def toy_dataset(n_train: int = 120, n_val: int = 60, n_test: int = 90, seed: int = 0, amp: int = 60,
-                size: int = SIZE):
-    """A 2-class toy set of size×size images: class 1 has a brighter 4×4 square (amp grey levels
-    above the noise)."""
-    from medchain.data.types import Dataset, ImageSet
-
-    def split(n, s):
-        rng = np.random.default_rng([seed, s])
-        y = rng.integers(0, 2, n)
-        x = rng.integers(0, 100, (n, size, size))
-        x[y == 1, 3:7, 3:7] += amp
-        return ImageSet(np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64))
-    return Dataset("toy", split(n_train, 1), split(n_val, 2), split(n_test, 3), 2, ["neg", "pos"])
-
-
-def toy_source(folder, **kw) -> str:
-    """The toy set written as a MedMNIST-layout npz, usable as `--data PATH`."""
-    from medchain.data import save_npz
-    return str(save_npz(toy_dataset(**kw), folder / "toy.npz"))
-
-
-def one_thread():
-    """Node processes train with 1 torch thread; the in-process reference must too (the thread
-    count changes the trained weights)."""
-    return torch_threads(1)
-
-
-def reference_run(source: str, n: int, cfg, partition: str = "iid"):
-    """The in-process simulation (chain-free reference) on the same split the nodes use."""
-    from medchain.data import load_dataset, partition as split
-    from medchain.protocol import run_collaborative
-
-    ds = load_dataset(source)
-    insts = split(ds, n, partition, seed=cfg.seed)
-    with one_thread():
-        return run_collaborative(insts, ds.n_classes, cfg, chain=None)
+from drills import reference_run, toy_source  # noqa: E402
 
 
 @pytest.mark.anvil

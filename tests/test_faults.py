@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_deploy import needs_anvil, reference_run, toy_source
+from conftest import needs_anvil
+from drills import final_digests as _final_digests, reference_run, start_drill as _started, toy_source
 
 from medchain.chain import LedgerClient
 from medchain.chain.anvil import _rpc
@@ -17,20 +18,6 @@ from medchain.protocol import CollabConfig
 
 CFG = CollabConfig(rounds=3, batch_size=32, lr=3e-3, model="lenet")   # lenet: ~31 KB payloads, inline
 
-
-def _final_digests(dep: Deployment) -> set[str]:
-    return {m["final_digest"] for p in dep.nodes for m in p.metrics() if m["event"] == "final"}
-
-
-
-def _started(dep) -> LedgerClient:
-    """Start the chain, create the task (1 channel, 2 classes), launch the nodes, start the task;
-    returns a ledger reader for the test's waits."""
-    dep.start_chain()
-    dep.create_task(1, 2)
-    dep.launch()
-    dep.start_task()
-    return LedgerClient(dep.w3, dep.ledger.address)
 
 @pytest.mark.anvil
 @needs_anvil

@@ -373,7 +373,7 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path, c
     closes round 0 and attests a garbage digest at once: the honest nodes stop on the mismatch
     (by design) — until the admin removes B; restarted, they resume from the chain and finish.
     Every replica ends with the same model, and A's update is in none of them."""
-    from test_deploy import toy_source
+    from drills import toy_source
 
     from medchain.chain import dev_accounts
     from medchain.models import build_model

@@ -17,7 +17,8 @@ from .bridge import AcceptedMessage, BridgeClient, deploy_bridge
 from .bridge_errors import BridgeError
 from .bridge_message import BridgeMessage
 from .connection import chain_identity, connect, final_block_hash, is_embedded, redact_url
-from .errors import (AlreadyAttested, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
+from .errors import (AlreadyAttested, AlreadyReported, AlreadySealed, AvailabilityNotDue, NoSuchUpdate,
+                     SelfReport, UnsortedReport, AlreadyMember, AlreadyStarted, AlreadySubmitted, DeadlineNotPassed,
                      FutureRound, InsufficientFunds, InvalidMember, InvalidTask, LedgerError, LedgerTimeout, NoDeadline,
                      NotAdmin, NotAMember, NotStarted, PayloadTooLarge, QuorumNotReached, RoundClosed,
                      RoundNotClosed, TaskFinished, TooManySamples, TransactionReverted, ZeroDigest,
@@ -36,4 +37,5 @@ __all__ = [
     "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted", "TaskFinished", "FutureRound",
     "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline", "DeadlineNotPassed",
     "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask", "ZeroSamples", "TooManySamples",
+    "AlreadyReported", "NoSuchUpdate", "SelfReport", "UnsortedReport", "AlreadySealed", "AvailabilityNotDue",
 ]

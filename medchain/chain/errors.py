@@ -22,7 +22,8 @@ __all__ = [
     "NotAdmin", "NotAMember", "AlreadyMember", "InvalidMember", "NotStarted", "AlreadyStarted",
     "TaskFinished", "FutureRound", "RoundClosed", "AlreadySubmitted", "ZeroDigest", "NoDeadline",
     "DeadlineNotPassed", "QuorumNotReached", "RoundNotClosed", "AlreadyAttested", "InvalidTask",
-    "ZeroSamples", "TooManySamples",
+    "ZeroSamples", "TooManySamples", "AlreadyReported", "NoSuchUpdate", "SelfReport", "UnsortedReport",
+    "AlreadySealed", "AvailabilityNotDue",
     "ERRORS", "RevertDecoder", "canonical_type", "contract_error", "revert_data_from_exception",
 ]
 
@@ -154,12 +155,44 @@ class TooManySamples(LedgerError):
                 "that the task on ledger {contract} fixed at creation")
 
 
+class AlreadyReported(LedgerError):
+    template = ("{member} already reported the availability of round {round}'s payloads on ledger "
+                "{contract}; one report per member and round")
+
+
+class NoSuchUpdate(LedgerError):
+    template = ("{sender} has no counted update in round {round} on ledger {contract} (never submitted, "
+                "or withdrawn): only a submitted update can be reported unavailable")
+
+
+class SelfReport(LedgerError):
+    template = ("{member} cannot report its own update of round {round} unavailable on ledger {contract}; "
+                "list only other members' updates")
+
+
+class UnsortedReport(LedgerError):
+    template = ("the senders reported unavailable for round {round} must be listed in strictly increasing "
+                "address order, without repeats (LedgerClient.report_availability sorts them)")
+
+
+class AlreadySealed(LedgerError):
+    template = ("the availability of round {round}'s payloads on ledger {contract} is already sealed: "
+                "reports are final, aggregate the round as the chain records it")
+
+
+class AvailabilityNotDue(LedgerError):
+    template = ("round {round}'s availability on ledger {contract} cannot be sealed yet: {reports} of "
+                "{members} member(s) reported, and the deadline (block {deadlineBlock}; 0 = none) has not "
+                "passed with the quorum; wait for the other members' reports")
+
+
 ERRORS: dict[str, type[LedgerError]] = {
     cls.__name__: cls for cls in (
         NotAdmin, NotAMember, AlreadyMember, InvalidMember, NotStarted, AlreadyStarted,
         TaskFinished, FutureRound, RoundClosed, AlreadySubmitted, ZeroDigest, NoDeadline,
         DeadlineNotPassed, QuorumNotReached, RoundNotClosed, AlreadyAttested, InvalidTask,
-        ZeroSamples, TooManySamples)
+        ZeroSamples, TooManySamples, AlreadyReported, NoSuchUpdate, SelfReport, UnsortedReport,
+        AlreadySealed, AvailabilityNotDue)
 }
 for _name, _cls in ERRORS.items():
     _cls.reason = _name

@@ -98,7 +98,31 @@ class LedgerClient(ContractClient):
         """Record this member's digest of the global model after aggregating ``round`` (closed)."""
         return self._transact("attest", uint(round, 32, "round"), digest32(digest, "global digest"))
 
+    def report_availability(self, round: int, missing: Sequence[str] = ()):
+        """After ``round`` closed: report the senders of ``round`` whose payload this member could
+        not fetch and verify (empty: everything available). Once per member and round; the report
+        that makes one per active member seals the round's availability. Returns the receipt."""
+        senders = sorted({to_checksum_address(m) for m in missing}, key=lambda a: int(a, 16))
+        return self._transact("reportAvailability", uint(round, 32, "round"), senders)
+
+    def seal_availability(self, round: int):
+        """Seal ``round``'s availability once every member reported, or after the deadline with the
+        quorum (anyone may call it)."""
+        return self._transact("sealAvailability", uint(round, 32, "round"))
+
     # ------------------------------------------------------------------ views
+    def availability(self, round: int) -> tuple[int, int]:
+        """``(reports, seal block)`` of ``round``'s data availability (seal block 0: not sealed)."""
+        reports, seal = self._call("availability", uint(round, 32, "round"))
+        return reports, seal
+
+    def has_reported_availability(self, round: int, member: str) -> bool:
+        return self._call("reportedAvailability", uint(round, 32, "round"), to_checksum_address(member))[0]
+
+    def is_unavailable(self, round: int, sender: str) -> bool:
+        """Whether ``sender``'s update to ``round`` is excluded as unavailable (False until sealed)."""
+        return self._call("isUnavailable", uint(round, 32, "round"), to_checksum_address(sender))[0]
+
     def task(self) -> TaskInfo:
         (admin, arch, init, n_rounds, params, deadline, quorum, started, finished,
          cur) = self._call("task")
@@ -183,7 +207,8 @@ class LedgerClient(ContractClient):
 
         Reads ``UpdateSubmitted`` logs of this ledger over ``[roundOpenBlock(r), roundCloseBlock(r)]``
         (or up to the latest block while the round is open). Empty if the round never opened.
-        Each update says whether it was ``withdrawn`` (its sender removed before the round closed).
+        Each update says whether it was ``withdrawn`` (its sender removed before the round closed)
+        and whether it is ``unavailable`` (excluded by the round's sealed availability reports).
         """
         open_block = self.round_open_block(round)
         if open_block == 0:
@@ -194,6 +219,8 @@ class LedgerClient(ContractClient):
                           ["0x" + abi_encode(["uint32"], [round]).hex()])
         out = []
         withdrawn: dict[str, bool] = {}
+        sealed = bool(logs) and self.availability(round)[1] != 0
+        unavailable: dict[str, bool] = {}
         data_types = [t for _, t in ev["data"]]
         for lg in logs:
             topics = lg["topics"]
@@ -203,9 +230,11 @@ class LedgerClient(ContractClient):
             sender = to_checksum_address(sender)
             if sender not in withdrawn:
                 withdrawn[sender] = self.withdrawn(round, sender)
+                unavailable[sender] = sealed and self.is_unavailable(round, sender)
             out.append(Update(r, sender, bytes(digest), n_values, n_samples,
                               bytes(payload), lg["blockNumber"], lg["logIndex"],
-                              "0x" + bytes(lg["transactionHash"]).hex(), withdrawn[sender]))
+                              "0x" + bytes(lg["transactionHash"]).hex(), withdrawn[sender],
+                              unavailable[sender]))
         out.sort(key=lambda u: (u.block_number, u.log_index))
         return out
 
@@ -248,7 +277,7 @@ class LedgerClient(ContractClient):
             time.sleep(poll_interval)
 
 
-def _member_address(value: str) -> str:
+def member_address(value: str) -> str:
     """The checksummed address of ``value`` (0x + 40 hex digits; a mixed-case address must carry a
     valid EIP-55 checksum); ValueError naming the bad value otherwise."""
     from eth_utils import is_checksum_address, is_hex_address
@@ -286,7 +315,7 @@ def deploy_ledger(w3: Web3, admin_account: LocalAccount, model_arch: str, initia
         raise ValueError("quorum must be at least 1")
     if args[6] < 1:
         raise ValueError("max_samples must be at least 1")
-    members = [_member_address(m) for m in members]
+    members = [member_address(m) for m in members]
     if len(set(members)) != len(members):
         dup = next(m for m in members if members.count(m) > 1)
         raise ValueError(f"member {dup} is listed twice")

@@ -133,7 +133,8 @@ def _ledger_show(args: argparse.Namespace) -> int:
               + (f", deadline block {info.deadline_block}" if info.deadline_block else ""))
         for u in ledger.updates(info.round):
             where = f"{u.payload_size:,} B inline" if u.payload_size else "payload in blob store"
-            mark = "   <-- WITHDRAWN (member removed before the round closed)" if u.withdrawn else ""
+            mark = "   <-- WITHDRAWN (member removed before the round closed)" if u.withdrawn else (
+                "   <-- UNAVAILABLE (a majority of the members could not fetch its payload)" if u.unavailable else "")
             print(f"  update  {u.sender}  digest {_hex(u.digest)}  values {u.n_values:,}  samples "
                   f"{u.n_samples:,}  {where}  block {u.block_number}#{u.log_index}{mark}")
         atts = ledger.attestations(info.round)

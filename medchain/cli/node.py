@@ -92,8 +92,12 @@ def register(sub) -> None:
                    help="stop after the RPC endpoint has been unreachable this long (s)")
     p.add_argument("--round-timeout", type=POS_FLOAT, default=3600.0,
                    help="stop after waiting this long for a round")
-    p.add_argument("--byzantine", default=None, metavar="KIND[:SCALE]",
-                   help="drills only: submit a malicious update (signflip, scale, random, huge)")
+    p.add_argument("--availability-wait", type=NONNEG_FLOAT, default=5.0,
+                   help="after a round closed, wait this long (s) for a payload missing from the blob store "
+                        "before reporting it unavailable on chain")
+    p.add_argument("--byzantine", default=None, metavar="KIND[:SCALE][+BEHAVIOUR...]",
+                   help="drills only: submit a malicious update (signflip, scale, random, huge) and/or act out "
+                        "zero-samples, huge-samples, garbage-attest, withhold-blob (joined by '+')")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_node)
 
@@ -145,16 +149,18 @@ def _node(args) -> int:
                                               args.institution_index, alpha=args.alpha, fraction=args.fraction,
                                               seed=cfg.seed if args.seed is None else args.seed)
         return inst, n_classes
-    select = None
+    select, hostile = None, frozenset()
     if args.byzantine:
-        from medchain.node import check_byzantine
+        from medchain.node import check_byzantine, parse_drill
         check_byzantine({args.institution_index: args.byzantine}, args.institution_index + 1)
-        kind, _, scale = args.byzantine.partition(":")
-        select = byzantine_select(kind, float(scale) if scale else None, seed=args.institution_index)
-        logging.getLogger("medchain.node").warning("DRILL: this institution submits %s updates", args.byzantine)
+        kind, scale, hostile = parse_drill(args.byzantine)
+        if kind is not None:
+            select = byzantine_select(kind, scale, seed=args.institution_index)
+        logging.getLogger("medchain.node").warning("DRILL: this institution acts out %s", args.byzantine)
     res = run_node(args.rpc, args.ledger, account, data, store=store_for(args.blobs), select=select,
                    poll_interval=args.poll_interval, rpc_timeout=args.rpc_timeout,
-                   round_timeout=args.round_timeout, metrics_path=args.metrics)
+                   round_timeout=args.round_timeout, availability_wait=args.availability_wait,
+                   metrics_path=args.metrics, hostile=hostile)
     print(json.dumps({"final_digest": res.final_digest, "rounds": len(res.rounds)}))
     return 0
 
@@ -175,8 +181,8 @@ def _task_create(args) -> int:
     if classes is None:
         raise ValueError("give --classes K (or --data SOURCE to read it from the data)")
     cfg = _config(args)          # every training parameter checked (CollabConfig) before connecting
-    from medchain.chain.ledger import _member_address
-    members = [_member_address(m) for m in members]
+    from medchain.chain.ledger import member_address
+    members = [member_address(m) for m in members]
     w3 = connect(args.rpc)       # create_task checks members, quorum and the model before any transaction
     ledger = create_task(w3, admin, cfg, members, n_classes=classes, in_chans=channels or 1,
                          deadline_blocks=args.deadline_blocks,
