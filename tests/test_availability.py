@@ -202,7 +202,7 @@ def test_availability_gas_is_modest():
 
 
 def test_drill_specs_combine_one_value_attack_with_behaviours():
-    from medchain.node import check_byzantine, parse_drill
+    from medchain.attacks.byzantine import check_byzantine, parse_drill
     assert parse_drill("signflip:5+withhold-blob") == ("signflip", 5.0, frozenset({"withhold-blob"}))
     assert parse_drill("zero-samples+huge-samples+garbage-attest+withhold-blob")[2] == \
         frozenset({"zero-samples", "huge-samples", "garbage-attest", "withhold-blob"})

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from medchain.data import save_npz
 from medchain.data.types import Dataset, ImageSet
@@ -76,3 +77,25 @@ def test_val_accuracy_equals_evaluate_acc():
     model = build_model("cnn", 1, 3, 0)
     assert val_accuracy(model, val) == evaluate(model, val)["acc"]
     assert np.isnan(val_accuracy(model, ImageSet(val.images[:0], val.labels[:0])))
+
+
+def test_byzantine_drills_load_no_attack_stack():
+    """medchain.attacks.byzantine, which every node process imports, loads neither torch nor the
+    inversion and membership attacks' scikit-learn (medchain.attacks loads those on first use), and
+    every name medchain.attacks exports resolves to its submodule's object."""
+    import importlib
+
+    import medchain.attacks as attacks
+
+    code = ("import json, sys\nimport medchain.attacks.byzantine\n"
+            "print(json.dumps([m for m in ('torch', 'sklearn', 'scipy', 'pandas') if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    for module in ("inversion", "membership", "byzantine"):
+        mod = importlib.import_module(f"medchain.attacks.{module}")
+        for name in attacks._EXPORTS[module]:
+            assert getattr(attacks, name) is getattr(mod, name)
+    assert set(attacks.__all__) <= set(dir(attacks))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        attacks.nope

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from medchain import codec
+from medchain.attacks.byzantine import byzantine_select
 from medchain.blobstore import MemoryBlobStore
 from medchain.aggregation import (RULES, SparseUpdate, aggregate, combine, coordinate_median, krum_selection,
                                   multi_krum, norm_clipped_mean, parse_rule, trimmed_mean)
 from medchain.data.types import ImageSet, InstitutionData
-from medchain.node import byzantine_select
 from medchain.protocol import CollabConfig, Institution, MemoryLedger, run_collaborative
 from medchain.training import torch_threads
 

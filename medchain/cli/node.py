@@ -136,9 +136,10 @@ def register(sub) -> None:
 def _node(args) -> int:
     import torch
 
+    from medchain.attacks.byzantine import byzantine_select, check_byzantine, parse_drill
     from medchain.blobstore import store_for
     from medchain.chain import key_from_env
-    from medchain.node import byzantine_select, load_institution, run_node
+    from medchain.node import load_institution, run_node
 
     _logging(args.log_level, f"[institution {args.institution_index}] ")
     torch.set_num_threads(args.threads)
@@ -151,7 +152,6 @@ def _node(args) -> int:
         return inst, n_classes
     select, hostile = None, frozenset()
     if args.byzantine:
-        from medchain.node import check_byzantine, parse_drill
         check_byzantine({args.institution_index: args.byzantine}, args.institution_index + 1)
         kind, scale, hostile = parse_drill(args.byzantine)
         if kind is not None:
@@ -203,11 +203,12 @@ def parse_byzantine(text: str) -> dict[int, str]:
 
 
 def _simulate(args) -> int:
-    from medchain.node import check_byzantine, simulate
+    from medchain.attacks.byzantine import check_byzantine
 
     byzantine = check_byzantine(parse_byzantine(args.byzantine), args.processes)   # before anything starts
     cfg = _config(args)
     _logging("INFO")
+    from medchain.node import simulate   # loads torch and web3: only once the arguments are checked
     summary = simulate(args.processes, cfg, data=args.data, out=args.out, partition=args.partition,
                        alpha=args.alpha, fraction=args.fraction, deadline_blocks=args.deadline_blocks,
                        quorum=args.quorum, byzantine=byzantine, threads=args.threads,
