@@ -352,7 +352,9 @@ def score_table(summary: dict) -> pd.DataFrame:
 def _fmt(d: dict | None) -> str:
     if d is None:
         return "–"
-    return f"{d['mean']:.3f}" if not math.isfinite(d["ci_low"]) else f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    if not math.isfinite(d["ci_low"]):
+        return f"{d['mean']:.3f}"
+    return f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
 def _std(s: pd.Series) -> float:
