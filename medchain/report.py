@@ -157,7 +157,10 @@ def score_lines(run: dict) -> list[str]:
     elif s["claim"] == 3 and isinstance(s.get("per_fraction"), dict):
         for frac, e in s["per_fraction"].items():
             for method, m in e.items():
-                if isinstance(m, dict) and "final_acc_mean" in m:
+                if isinstance(m, dict) and all(isinstance(m.get(k), dict) for k in metrics):
+                    rows.append(f"| {run['run']} | {float(frac):.0%} target data | {m.get('label', method)} | "
+                                + " | ".join(_desc(m[k]) for k in metrics) + " |")
+                elif isinstance(m, dict) and "final_acc_mean" in m:
                     rows.append(f"| {run['run']} | {float(frac):.0%} target data | {method} | "
                                 f"{m['final_acc_mean']:.3f} ± {m.get('final_acc_std', 0.0):.3f} (SD) | – | "
                                 f"{m.get('final_auc_mean', float('nan')):.3f} |")

@@ -289,22 +289,42 @@ def _work_02(p: dict) -> Work | None:
 
 
 def _work_03(p: dict) -> Work | None:
-    """Source task once (source_rounds × source_local_epochs passes); per seed, fraction and method a
-    target task of `rounds` rounds whose local epochs are raised until the smallest institution makes
-    min_local_steps steps a round (medchain.experiments.transfer.local_epochs_for)."""
-    n_src = n_train_images(p["source"], p.get("source_n"))
-    n_tgt = n_train_images(p["target"], p.get("target_n"))
-    if n_src is None or n_tgt is None:
+    """Every source task of the pair once (source_rounds × source_local_epochs passes each); per seed,
+    fraction and chain arm (no transfer; warm start and L2-SP per source) a target task of `rounds`
+    rounds whose local epochs are raised until the smallest institution makes min_local_steps steps a
+    round (medchain.experiments.transfer.local_epochs_for); the pooled control, pooled_epochs passes
+    over the source images with as many target images, per source but the unrelated one. The linear
+    probe (one feature pass) is not counted."""
+    from medchain.data.sources import MEDMNIST_INFO
+    from medchain.experiments.transfer_pairs import DIGITS_TRAIN
+
+    rels = list(p["relations"])
+    if p["pair"] == "ct_detection":
+        n_src, n_tgt = n_train_images("simulated", p["source_n"]), n_train_images("simulated", p["target_n"])
+        sizes = {"similar": n_src, "same_task": n_src, "unrelated": DIGITS_TRAIN}
+        inst = p.get("target_institutions") or p["target_sites"]
+    elif p["pair"] == "retina_referable":
+        counts = MEDMNIST_INFO["retinamnist"]["n_samples"]
+        pool = int(counts["train"]) + int(counts["val"])
+        n_src, n_tgt = round(0.8 * p["source_share"] * pool), round(0.9 * (1 - p["source_share"]) * pool)
+        sizes = {"similar": n_src, "same_task": n_src, "unrelated": n_train_images("simulated", p["source_n"])}
+        inst = p.get("target_institutions") or 2
+    else:
         return None
-    inst = p.get("target_institutions") or (p["target_sites"] if str(p["target"]).startswith("simulated") else 2)
+    methods = set(p["methods"])
+    chain_arms = 1 + sum(len(methods & {"warm_start", "l2sp"}) for _ in rels)
+    pooled = [r for r in rels if r != "unrelated"] if "pooled" in methods else []
+    pooled_epochs = p.get("pooled_epochs") or p["source_rounds"] * p["source_local_epochs"]
     target = 0.0
     for frac in p["fractions"]:
         per_inst = max(1, round(n_tgt * float(frac) / inst))
         epochs = max(1, math.ceil(p["min_local_steps"] / math.ceil(per_inst / p["batch_size"])))
         target += p["rounds"] * epochs * per_inst * inst
-    runs = _seeds(p) * len(p["methods"])
-    return Work(n_src * p["source_rounds"] * p["source_local_epochs"] + runs * target,
-                p["source_rounds"] + runs * len(p["fractions"]) * p["rounds"], inst)
+    seeds = _seeds(p)
+    return Work(sum(sizes[r] for r in rels) * p["source_rounds"] * p["source_local_epochs"]
+                + seeds * chain_arms * target
+                + seeds * len(p["fractions"]) * sum(2 * sizes[r] * pooled_epochs for r in pooled),
+                len(rels) * p["source_rounds"] + seeds * chain_arms * len(p["fractions"]) * p["rounds"], inst)
 
 
 def _work_04(p: dict) -> Work | None:

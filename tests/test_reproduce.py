@@ -197,12 +197,19 @@ def test_cost_models_count_passes_from_the_parameters():
     assert rp._work_01({**p01, "seeds": None}).train_images == rp.DEFAULT_SEEDS / 2 * w.train_images
     assert rp._work_01({**p01, "source": "x.npz"}) is None
     # 03: 140 target training images × 0.1 over 2 institutions = 7 each: one step of 32 an epoch, so 8
-    # epochs for 8 steps a round
-    p03 = {"source": "simulated", "source_n": 1000, "target": "simulated", "target_n": 200, "target_sites": 2,
-           "target_institutions": None, "source_rounds": 3, "source_local_epochs": 1, "fractions": [0.1],
-           "methods": ["none", "l2sp"], "seeds": [0], "rounds": 2, "min_local_steps": 8, "batch_size": 32}
+    # epochs for 8 steps a round; chain arms: none, warm start / L2-SP from each of 2 sources = 5;
+    # pooled with the similar source only (not the unrelated one), 3 epochs over 700 + 700 images
+    p03 = {"pair": "ct_detection", "relations": ["similar", "unrelated"], "source_n": 1000, "target_n": 200,
+           "target_sites": 2, "target_institutions": None, "source_rounds": 3, "source_local_epochs": 1,
+           "fractions": [0.1], "methods": ["warm_start", "l2sp", "probe", "pooled"], "pooled_epochs": None,
+           "seeds": [0], "rounds": 2, "min_local_steps": 8, "batch_size": 32}
     w = rp._work_03(p03)
-    assert w.train_images == 700 * 3 + 2 * (2 * 8 * 7 * 2) and w.chain_rounds == 3 + 2 * 2
+    digits = 1257
+    assert w.train_images == (700 + digits) * 3 + 5 * (2 * 8 * 7 * 2) + 2 * 700 * 3
+    assert w.chain_rounds == 2 * 3 + 5 * 2
+    assert rp._work_03({**p03, "pair": "unknown"}) is None
+    retina = rp._work_03({**p03, "pair": "retina_referable", "source_share": 0.5, "target_institutions": 2})
+    assert retina.train_images > 0 and retina.institutions == 2
     assert rp._privacy_runs({"thetas": [1, 0.5, 0.1], "rules": ["largest", "random"]}) == 5
 
 

@@ -22,9 +22,12 @@ The scenario, end to end:
    ``(β/2)·Σ‖w − w_source‖²`` over the feature parameters to every local step (Li et al., ICML 2018,
    where the starting point is the source model); ``"none"`` trains from scratch.
 
-:func:`run_sweep` repeats step 4 over target data fractions × methods × seeds (one chain B and one
-bridge message per seed), :func:`summarize` computes the numbers that decide the claim (final ACC
-gain, rounds to reach the no-transfer run's final ACC, speed-up) and the verdict.
+:func:`medchain.experiments.transfer_sweep.run_sweep` repeats step 4 over target data fractions ×
+arms (method × source) × seeds (one chain B per seed, one bridge message per source), and
+:func:`~medchain.experiments.transfer_sweep.summarize` computes the numbers and the verdicts. The task
+pairs with a stated relation (similar, same task, unrelated) are in
+:mod:`medchain.experiments.transfer_pairs`; the controls (linear probe, pooled training) in
+:mod:`medchain.experiments.transfer_controls`.
 
 Simulated data (:func:`make_tasks`): the source is the simulated chest-CT nodule task at sites 0–4
 (their own scanners and label mixes); the target is the *same* three-class task at unseen sites
@@ -47,15 +50,11 @@ chain A's ledger, and :func:`genesis_hash` tells the chains apart. Real nodes ha
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 
-from medchain import stats
 from medchain.blobstore import BlobStore, MemoryBlobStore
 from medchain.chain import BridgeClient, deploy_bridge
 from medchain.crosschain import (MemberSigner, RelayResult, Relayer, parse_model_payload, publish_global_model,
@@ -67,17 +66,22 @@ from medchain.protocol import CollabConfig, CollabResult, run_collaborative
 from medchain.transfer import l2sp_anchor, warm_start
 
 __all__ = [
-    "METHODS", "METHOD_LABELS", "SourceTask", "TargetChain", "TransferSweep",
+    "METHODS", "CONTROLS", "METHOD_LABELS", "parse_arm", "arm_label", "SourceTask", "TargetChain", "TransferSweep",
     "make_tasks", "grey_to_rgb", "relabel", "split_institutions", "train_source", "source_on_target",
     "open_target_chain", "genesis_hash", "bridge_transfer",
-    "local_epochs_for", "receive_source_model", "run_target", "run_sweep",
-    "rounds_to", "per_seed_table", "summarize", "plot_curves", "plot_vs_fraction",
+    "local_epochs_for", "receive_source_model", "run_target",
 ]
 
-#: Target-task methods: no transfer, warm start of the feature extractor, L2-SP.
+#: Target-task methods trained on chain B: no transfer, warm start of the feature extractor, L2-SP.
 METHODS: tuple[str, ...] = ("none", "warm_start", "l2sp")
-METHOD_LABELS = {"none": "no transfer", "warm_start": "warm start", "l2sp": "L2-SP"}
-_COLORS = {"none": "tab:gray", "warm_start": "tab:blue", "l2sp": "tab:red"}
+#: Controls (:mod:`medchain.experiments.transfer_controls`): a linear probe on the relayed source's
+#: frozen features, pooled no-privacy training of source + target, the source model as it is.
+CONTROLS: tuple[str, ...] = ("probe", "pooled", "as_is")
+METHOD_LABELS = {"none": "no transfer", "warm_start": "warm start", "l2sp": "L2-SP", "probe": "linear probe",
+                 "pooled": "pooled (no privacy)", "as_is": "source as is"}
+_COLORS = {"none": "tab:gray", "warm_start": "tab:blue", "l2sp": "tab:red", "probe": "tab:green",
+           "pooled": "k", "as_is": "tab:brown"}
+_LINES = {"similar": "-", "same_task": "-.", "unrelated": ":", None: "-"}
 
 #: Default lesion mix of the simulated target task (no nodule, benign, malignant): a referral
 #: population with more malignant nodules than the source's pooled mix (0.4, 0.3, 0.3).
@@ -191,6 +195,7 @@ class SourceTask:
     store: BlobStore
     layout: Layout
     vector: np.ndarray
+    data: Dataset | None = None   # the source's images (pooled control only; never sent anywhere)
 
     @property
     def ledger(self):
@@ -207,9 +212,10 @@ class SourceTask:
 
 
 def train_source(ds: Dataset, cfg: CollabConfig, *, institutions: int | None = 3,
-                 chain: str = "embedded", store: BlobStore | None = None, quiet: bool = True) -> SourceTask:
+                 chain="embedded", store: BlobStore | None = None, quiet: bool = True) -> SourceTask:
     """Collaborative training of the source task on its own chain A (``chain``: "embedded" = a fresh
-    in-process chain, or a node URL), ``institutions`` members (None: one per site, IID split
+    in-process chain, a node URL, or a connected Web3 — several source tasks on one chain A get
+    their own task ledgers there), ``institutions`` members (None: one per site, IID split
     otherwise). Afterwards every member publishes the global model it computed into chain A's blob
     store; the round callback records each member's own digest of every round (what it will sign)."""
     if chain is None:
@@ -229,7 +235,7 @@ def train_source(ds: Dataset, cfg: CollabConfig, *, institutions: int | None = 3
     first = res.institutions[0]
     return SourceTask(res, ds.source or ds.name, ds.n_classes, ds.train.n_channels, cfg.model,
                       [m.ledger.account for m in res.institutions], [own[i] for i in range(len(insts))],
-                      store, first.layout, first.global_vec.copy())
+                      store, first.layout, first.global_vec.copy(), ds)
 
 
 def source_on_target(source: SourceTask, target_ds: Dataset) -> dict | None:
@@ -346,235 +352,3 @@ def run_target(institutions: list[InstitutionData], n_classes: int, cfg: CollabC
 
     return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=MemoryBlobStore(),
                              quiet=quiet, institution_kwargs=kwargs, initial_model=initial)
-
-
-# ============================================================================ the sweep
-@dataclass
-class TransferSweep:
-    """Everything measured: learning curves (one row per fraction, method, seed, round), the source
-    task, and per seed chain B's bridge, message id and final block hash."""
-
-    curves: pd.DataFrame
-    source: SourceTask
-    chains: dict = field(default_factory=dict)     # seed -> {"bridge", "identity", "message_id", ...}
-    runs: list = field(default_factory=list)       # one dict per target run (ledger address, digest, ...)
-    rounds: int = 0
-    wall_s: float = 0.0
-    targets: dict = field(default_factory=dict, repr=False)   # seed -> TargetChain (live chain B)
-
-
-def run_sweep(source: SourceTask, target_ds: Dataset, cfg: CollabConfig, *,
-              fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.25, 1.0), methods: Sequence[str] = METHODS,
-              seeds: Sequence[int] = (0, 1, 2), target_institutions: int | None = None,
-              min_local_steps: int = 8, anchor_strength: float = 0.01, quorum: int = 2,
-              chain: str = "embedded", quiet: bool = True, progress=None) -> TransferSweep:
-    """For each seed: open chain B (bridge deployed), relay the source's global model, then train the
-    target task on chain B for every fraction × method. ``cfg`` is the target task's configuration
-    (its seed is replaced by each seed; its local epochs raised per fraction by
-    :func:`local_epochs_for`). The seed draws the target institutions' training subset, the model
-    initialisation and the shuffling; the evaluation set (the target's pooled test split) is the
-    same for every fraction."""
-    t0 = time.perf_counter()
-    rows, chains, runs, targets = [], {}, [], {}
-    for seed in seeds:
-        chain_b = targets[int(seed)] = open_target_chain(chain)
-        relay = bridge_transfer(source, chain_b, quorum=quorum)
-        chains[int(seed)] = {"bridge": chain_b.bridge.address, "bridge_identity": chain_b.identity,
-                             "genesis_hash": genesis_hash(chain_b.w3),
-                             "message_id": "0x" + relay.id.hex(), "signers": relay.signers,
-                             "relay_gas": relay.gas_used, "refusals": relay.refusals}
-        for frac in fractions:
-            insts = split_institutions(target_ds, target_institutions, fraction=frac, seed=int(seed))
-            epochs = local_epochs_for(insts, cfg.batch_size, min_local_steps, cfg.local_epochs)
-            run_cfg = replace(cfg, seed=int(seed), local_epochs=epochs)
-            n_train = sum(len(i.train) for i in insts)
-            for method in methods:
-                res = run_target(insts, target_ds.n_classes, run_cfg, method, chain_b, message_id=relay.id,
-                                 source_layout=source.layout, anchor_strength=anchor_strength, quiet=quiet)
-                for h in res.history:
-                    rows.append({"fraction": float(frac), "method": method, "seed": int(seed), "round": h["round"],
-                                 "n_train": n_train, "local_epochs": epochs,
-                                 **{k: h[k] for k in ("acc", "balanced_acc", "auc", "loss") if k in h}})
-                runs.append({"fraction": float(frac), "method": method, "seed": int(seed), "n_train": n_train,
-                             "local_epochs": epochs, "ledger_address": res.ledger_address,
-                             "chain_identity": res.chain_identity, "final_digest": res.final_digest.hex(),
-                             "final_acc": float(res.history[-1]["acc"]), "wall_s": res.wall_s})
-                if progress is not None:
-                    progress(runs[-1])
-        chains[int(seed)]["final_block_hash"] = _block_hash(chain_b.w3)
-        chains[int(seed)]["block_number"] = int(chain_b.w3.eth.block_number)
-    return TransferSweep(pd.DataFrame(rows), source, chains, runs, cfg.rounds, time.perf_counter() - t0, targets)
-
-
-def _block_hash(w3) -> str:
-    from medchain.chain import final_block_hash
-    return final_block_hash(w3)
-
-
-# ============================================================================ numbers and verdict
-def rounds_to(accs: Sequence[float], target: float) -> int | None:
-    """The first round (1-based) whose ACC reaches ``target`` (within 1e-9), or None."""
-    for r, a in enumerate(accs, start=1):
-        if a >= target - 1e-9:
-            return r
-    return None
-
-
-def per_seed_table(curves: pd.DataFrame) -> pd.DataFrame:
-    """One row per (fraction, method, seed): final ACC / AUC, best ACC, the no-transfer run's final
-    ACC at the same fraction and seed (the target), rounds to reach it (None: never), gain and
-    speed-up over no transfer."""
-    rows = []
-    for (frac, seed), g in curves.groupby(["fraction", "seed"]):
-        ref = g[g.method == "none"].sort_values("round")
-        if ref.empty:
-            raise ValueError("the sweep needs the 'none' method (no transfer) as the reference")
-        target = float(ref.acc.iloc[-1])
-        ref_rounds = rounds_to(ref.acc.tolist(), target)
-        for method, m in g.groupby("method", sort=False):
-            m = m.sort_values("round")
-            r = rounds_to(m.acc.tolist(), target)
-            rows.append({"fraction": frac, "method": method, "seed": seed, "n_train": int(m.n_train.iloc[0]),
-                         "final_acc": float(m.acc.iloc[-1]), "best_acc": float(m.acc.max()),
-                         "final_auc": float(m.auc.iloc[-1]) if "auc" in m else float("nan"),
-                         "target_acc": target, "rounds_to_target": r, "reference_rounds": ref_rounds,
-                         "gain": float(m.acc.iloc[-1]) - target,
-                         "auc_gain": (float(m.auc.iloc[-1]) - float(ref.auc.iloc[-1])) if "auc" in m else float("nan"),
-                         "speedup": (ref_rounds / r) if r else float("nan")})
-    order = {m: i for i, m in enumerate(METHODS)}
-    return (pd.DataFrame(rows).assign(_o=lambda d: d.method.map(order))
-            .sort_values(["fraction", "_o", "seed"]).drop(columns="_o").reset_index(drop=True))
-
-
-def summarize(sweep: TransferSweep, *, verdict_fraction: float = 0.05, min_speedup: float = 2.0,
-              min_gain: float = 0.0, plentiful: float = 0.5) -> dict:
-    """The numbers that decide claim 3, per fraction and method (mean ± std over seeds), and the
-    verdicts (medchain.stats). A run that never reaches the target counts as ``rounds + 1`` in the
-    mean rounds (censored; ``never_reached`` says how often). Speed-up = mean rounds of no
-    transfer / mean rounds of the method, reported beside the verdict (``min_speedup`` is kept for
-    old callers and not used to decide). At ``verdict_fraction`` the claim holds for a method when
-    the 95 % interval of its paired final-ACC gain over no transfer (same seed) lies above
-    ``min_gain``; one seed is inconclusive. When the sweep holds a scarce fraction
-    (≤ ``verdict_fraction``) and a plentiful one (≥ ``plentiful``), a second verdict asks whether the
-    best method's gain is larger at the smallest fraction than at the largest, paired by seed."""
-    table = per_seed_table(sweep.curves)
-    R = sweep.rounds
-    per_fraction: dict = {}
-    for frac, g in table.groupby("fraction"):
-        ref = g[g.method == "none"]
-        ref_rounds = float(ref.reference_rounds.mean())
-        entry = {"n_train": int(g.n_train.iloc[0]), "target_acc_mean": float(ref.final_acc.mean())}
-        for method, m in g.groupby("method", sort=False):
-            rounds = m.rounds_to_target.fillna(R + 1).astype(float)
-            entry[method] = {
-                "final_acc_mean": float(m.final_acc.mean()), "final_acc_std": _std(m.final_acc),
-                "final_acc_min": float(m.final_acc.min()), "final_acc_max": float(m.final_acc.max()),
-                "best_acc_mean": float(m.best_acc.mean()),
-                "final_auc_mean": float(m.final_auc.mean()),
-                "gain_mean": float(m.gain.mean()), "gain_std": _std(m.gain),
-                "rounds_to_target_mean": float(rounds.mean()),
-                "rounds_to_target": [None if pd.isna(v) else int(v) for v in m.rounds_to_target],
-                "never_reached": int(m.rounds_to_target.isna().sum()),
-                "speedup": ref_rounds / float(rounds.mean()),
-                "per_seed_final_acc": [float(v) for v in m.final_acc],
-            }
-        per_fraction[f"{frac:g}"] = entry
-    verdicts = []
-    key = _closest(per_fraction, verdict_fraction)
-    transfer_methods = [m for m in METHODS if m != "none" and m in set(table.method)]
-    n_seeds = len(table.seed.unique())
-    if key is not None:
-        e = per_fraction[key]
-        at = table[np.isclose(table.fraction, float(key))]
-        for m in transfer_methods:
-            gains = at[at.method == m].sort_values("seed")
-            decisions = [stats.superiority(gains[col].to_numpy(), min_gain if col == "gain" else 0.0,
-                                           metric=metric, a=METHOD_LABELS[m], b="no transfer")
-                         for col, metric in (("gain", "acc"), ("auc_gain", "auc"))
-                         if gains[col].notna().all()]
-            v = stats.claim_verdict(
-                f"claim 3 ({METHOD_LABELS[m]}, {float(key):.0%} target data): transfer beats no transfer "
-                f"by more than {100 * min_gain:g} points of final ACC", decisions, deciding_metric="acc",
-                why_metric="final test ACC of the target task, paired by seed (same subset and initialization)")
-            v["detail"] += (f"; speed-up to the no-transfer final ACC {e[m]['speedup']:.2f}× "
-                            f"(reported, not decided: the target is reached at round 1 when transfer starts above it)")
-            verdicts.append(v)
-    fr = sorted(per_fraction, key=float)
-    if len(fr) >= 2 and transfer_methods and float(fr[0]) <= verdict_fraction and float(fr[-1]) >= plentiful:
-        lo, hi = float(fr[0]), float(fr[-1])
-        best = max(transfer_methods, key=lambda m: per_fraction[fr[0]][m]["gain_mean"])
-        g = table[table.method == best]
-        by_seed = (g[np.isclose(g.fraction, lo)].set_index("seed").gain
-                   - g[np.isclose(g.fraction, hi)].set_index("seed").gain).dropna()
-        verdicts.append(stats.claim_verdict(
-            "claim 3 (scarcity): the accuracy gain of transfer is larger when target data are scarce",
-            [stats.superiority(by_seed.to_numpy(), 0.0, metric="acc", a=f"gain at {lo:.0%}",
-                               b=f"gain at {hi:.0%}")],
-            deciding_metric="acc", why_metric=f"{METHOD_LABELS[best]}'s final-ACC gain, paired by seed"))
-    return {"per_fraction": per_fraction, "verdicts": verdicts, "verdict_fraction": float(key) if key else None,
-            "per_seed": table.to_dict(orient="records")}
-
-
-def _std(s: pd.Series) -> float:
-    return float(s.std(ddof=1)) if len(s) > 1 else 0.0
-
-
-def _closest(per_fraction: dict, value: float) -> str | None:
-    keys = [k for k in per_fraction if math.isclose(float(k), value, rel_tol=1e-6)]
-    return keys[0] if keys else None
-
-
-# ============================================================================ figures
-def plot_curves(curves: pd.DataFrame, as_is: float | None = None):
-    """Target test ACC vs round, one panel per fraction, mean over seeds with min–max band.
-    as_is: the source model's ACC on the target as it is (:func:`source_on_target`), drawn dashed."""
-    fracs = sorted(curves.fraction.unique())
-    fig, axes = plt.subplots(1, len(fracs), figsize=(4.2 * len(fracs), 3.6), squeeze=False, sharey=True)
-    for ax, frac in zip(axes[0], fracs):
-        c = curves[curves.fraction == frac]
-        for method in [m for m in METHODS if m in set(c.method)]:
-            g = c[c.method == method].groupby("round").acc
-            mean, lo, hi = g.mean(), g.min(), g.max()
-            ax.plot(mean.index, mean.values, color=_COLORS[method], lw=2, label=METHOD_LABELS[method])
-            ax.fill_between(mean.index, lo.values, hi.values, color=_COLORS[method], alpha=0.15)
-        if as_is is not None:
-            ax.axhline(as_is, color="k", lw=1, ls="--", label="source model as it is")
-        n = int(c.n_train.iloc[0])
-        ax.set_title(f"{frac:.0%} of target training data ({n} images)", fontsize=10)
-        ax.set_xlabel("round on chain B")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("target test accuracy")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_vs_fraction(summary: dict, rounds: int):
-    """Final ACC and rounds to the no-transfer final ACC vs target data fraction (mean ± std over
-    seeds; log-scaled fraction axis)."""
-    pf = summary["per_fraction"]
-    fr = sorted(pf, key=float)
-    x = np.array([float(f) for f in fr])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    methods = [m for m in METHODS if all(m in pf[f] for f in fr)]
-    for i, m in enumerate(methods):
-        xs = x * (1 + 0.04 * (i - 1))   # small offsets so error bars do not overlap
-        acc = np.array([pf[f][m]["final_acc_mean"] for f in fr])
-        err = np.array([pf[f][m]["final_acc_std"] for f in fr])
-        a1.errorbar(xs, acc, yerr=err, color=_COLORS[m], marker="o", capsize=3, label=METHOD_LABELS[m])
-        rt = [pf[f][m]["rounds_to_target_mean"] for f in fr]
-        rts = [np.std([rounds + 1 if v is None else v for v in pf[f][m]["rounds_to_target"]]) for f in fr]
-        a2.errorbar(xs, rt, yerr=rts, color=_COLORS[m], marker="o", capsize=3, label=METHOD_LABELS[m])
-    for ax in (a1, a2):
-        ax.set_xscale("log")
-        ax.set_xticks(x, [f"{v:.0%}" for v in x])
-        ax.minorticks_off()
-        ax.set_xlabel("fraction of target training data")
-        ax.grid(alpha=0.3)
-    a1.set_ylabel("final target test accuracy")
-    a2.set_ylabel("rounds to no-transfer final ACC")
-    a2.axhline(rounds + 1, color="k", lw=0.8, ls=":")
-    a2.text(x[0], rounds + 1, " never", va="bottom", fontsize=8)
-    a1.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
