@@ -30,14 +30,14 @@ def test_compare_on_partition_is_deterministic_and_summarised():
     # equal budgets and one selection rule, recorded
     assert s["passes_over_local_data"] == {"centralized": 2, "local_only": 2, "collaborative": 2,
                                            "collaborative[fedavg]": 2}
-    assert sel["collaborative_method"] == "fedavg" and set(s["method_details"]) == {"fedavg"}
+    assert s["selection"]["collaborative_method"] == "fedavg" and set(s["method_details"]) == {"fedavg"}
     sel = s["selection"]
     assert 1 <= sel["collaborative_round"] <= 2
     assert sel["collaborative_round_digest"] == runs[0].collab.history[sel["collaborative_round"] - 1]["digest"]
     lo, hi = s["gap_test_image_interval_95"]
     assert lo <= s["gap_collaborative_minus_centralized"]["acc"] <= hi
     assert 0 <= s["chain_overhead_pct"] <= 100
-    assert set(runs[0].curves.method) == {"centralized", "local_only", "collaborative"}
+    assert set(runs[0].curves.method) == {"centralized", "local_only", "collaborative", "collaborative[fedavg]"}
     assert np.all(runs[0].curves.acc.between(0, 1))
 
 
