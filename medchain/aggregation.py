@@ -56,18 +56,28 @@ def weighted_mean(updates: list[SparseUpdate]) -> np.ndarray:
 @dataclass
 class ServerOptimizer:
     """Applies the aggregated update to the global model: plain FedAvg (lr 1, momentum 0) or
-    FedAvgM (server momentum). State lives in every institution and evolves identically."""
+    FedAvgM (server momentum). State lives in every institution and evolves identically.
+
+    averaged: bool (P,) of coordinates that are statistics, not weights (BatchNorm running means
+    and variances): they always take the plain aggregated update (lr 1, no momentum) — stepping them
+    with momentum overshoots (measured: a running variance went negative and the model to NaN
+    within three rounds of FedAvgM at momentum 0.5)."""
 
     lr: float = 1.0
     momentum: float = 0.0
+    averaged: np.ndarray | None = None
     _buf: np.ndarray | None = None
 
     def step(self, global_vec: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """global_vec float32 (P,), delta float64 (P,) → next global float32 (P,)."""
+        plain = delta
         if self.momentum > 0:
             self._buf = delta if self._buf is None else self.momentum * self._buf + delta
             delta = self._buf
-        return (global_vec.astype(np.float64) + self.lr * delta).astype(np.float32)
+        step = self.lr * delta
+        if self.averaged is not None and (self.momentum > 0 or self.lr != 1.0):
+            step = np.where(self.averaged, plain, step)
+        return (global_vec.astype(np.float64) + step).astype(np.float32)
 
 
 def aggregate(global_vec: np.ndarray, updates: list[SparseUpdate], rule: str = "mean",

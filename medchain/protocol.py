@@ -24,6 +24,7 @@ the chain paths, so the chain-free reference never loads web3 (tests/test_layers
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,13 +36,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medchain import codec
-from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate, validate_rule
+from medchain.aggregation import ServerOptimizer, SparseUpdate, aggregate, validate_rule, weighted_mean
 from medchain.baselines import pooled_test
 from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_payload
 from medchain.data.types import ImageSet, InstitutionData
+from medchain.harmonize import Augmenter, attach_standardization, validate_augment
 from medchain.models import build_model
 from medchain.privacy import apply_download, download_mask, make_selector
-from medchain.params import Layout, digest_vector, load_flat, model_vector
+from medchain.params import Layout, digest_vector, load_flat, model_vector, unflatten
 from medchain.records import Attestation, Update
 from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
 
@@ -71,6 +73,17 @@ class CollabConfig:
     bn_recalibrate: after local training, recompute BatchNorm statistics exactly over the local
     training data (a few local steps leave the running averages stale; measured: without it the
     global model sits at the majority rate for the first rounds).
+
+    Methods for feature shift between sites (claim 1 under scanner shift), each recorded here:
+    scaffold: SCAFFOLD (Karimireddy et al. 2020) with option-II control variates — each update
+    carries (Δw, Δc_i), 2P values, and every replica derives the server variate c from them
+    (needs optimizer "sgd", full upload, rule "mean"; see :meth:`Institution.train_round`).
+    keep_local: coordinates that never leave an institution — "fedbn" (every BatchNorm weight,
+    bias and running statistic: FedBN, Li et al. 2021), "fedper" (the head) or "none"
+    (:func:`medchain.personalize.local_mask_for`). standardize: each image is standardized to
+    mean 0 / std 1 inside the model (:mod:`medchain.harmonize`). augment: {key: [low, high]}
+    ranges of the scanner augmentation drawn during local training (keys
+    :data:`medchain.harmonize.AUGMENT_KEYS`; {} for none).
     """
 
     rounds: int = 20
@@ -96,6 +109,10 @@ class CollabConfig:
     max_abs_update: float = 1e3
     bn_recalibrate: bool = True
     max_samples: int | None = None
+    scaffold: bool = False
+    keep_local: str = "none"
+    standardize: bool = False
+    augment: dict = field(default_factory=dict)
 
     def __post_init__(self):
         """Every parameter is checked here, so that a bad one is refused before a task is deployed
@@ -147,6 +164,18 @@ class CollabConfig:
             need(1 <= integer("max_samples") < 2 ** 64, "max_samples must be in [1, 2**64) or None",
                  self.max_samples)
         validate_rule(self.aggregation)
+        need(self.keep_local in KEEP_LOCAL, f"keep_local must be one of {KEEP_LOCAL}", self.keep_local)
+        for name in ("scaffold", "standardize"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false", getattr(self, name))
+        self.augment = validate_augment(self.augment)
+        if self.scaffold:
+            need(self.optimizer == "sgd", "scaffold needs optimizer 'sgd' (option-II control variates "
+                 "estimate the gradient from the SGD displacement)", self.optimizer)
+            need(self.theta_u == 1 and self.theta_d == 1 and self.gamma is None and not self.sigma,
+                 "scaffold needs the full update (theta_u = theta_d = 1, no gamma/sigma)",
+                 (self.theta_u, self.theta_d, self.gamma, self.sigma))
+            need(self.aggregation == "mean", "scaffold needs aggregation 'mean'", self.aggregation)
+            need(self.keep_local == "none", "scaffold cannot be combined with keep_local", self.keep_local)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,6 +189,23 @@ class CollabConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                            optimizer=self.optimizer, weight_decay=self.weight_decay,
                            schedule="constant", seed=self.seed)
+
+
+#: Choices of CollabConfig.keep_local.
+KEEP_LOCAL: tuple[str, ...] = ("none", "fedbn", "fedper")
+
+
+def task_model(cfg: CollabConfig, in_chans: int, n_classes: int) -> nn.Module:
+    """A fresh ``cfg.model`` drawn from ``cfg.seed``, standardizing its inputs when
+    ``cfg.standardize`` (the hook adds no tensor: same layout and digest)."""
+    model = build_model(cfg.model, in_chans, n_classes, cfg.seed)
+    return attach_standardization(model) if cfg.standardize else model
+
+
+def scaffold_layout_id(layout: Layout) -> bytes:
+    """The layout id a SCAFFOLD update (Δw then Δc, 2P values) travels under: distinct from the
+    model's, so a payload of one kind can never be read as the other."""
+    return hashlib.sha256(layout.layout_id + b"medchain/scaffold/delta+control").digest()
 
 
 class MemoryLedger:
@@ -214,7 +260,12 @@ class Institution:
     :class:`MemoryLedger.Member`). store: the blob store for payloads too large to go inline.
     select: optional ``(delta float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``
     choosing what to upload (default: everything). local_mask: bool (P,) of coordinates that
-    never leave the institution and are never overwritten by the global model (personalization).
+    never leave the institution and are never overwritten by the global model (personalization;
+    ``cfg.keep_local`` builds it from the task's parameters instead).
+
+    With ``cfg.scaffold`` the institution also holds SCAFFOLD's control variates, float32 (P,),
+    zero on buffers: ``c_server`` (derived from the chain: the weighted mean of every accepted
+    Δc added each round) and ``c_own`` (its own Δc as accepted on chain, summed).
     """
 
     def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger,
@@ -225,8 +276,26 @@ class Institution:
         self.data, self.cfg, self.ledger, self.store = data, cfg, ledger, store
         self.index = data.index
         self.model = init_model if init_model is not None else \
-            build_model(cfg.model, data.train.n_channels, n_classes, cfg.seed)
+            task_model(cfg, data.train.n_channels, n_classes)
+        if cfg.standardize:
+            attach_standardization(self.model)
         self.layout = Layout.from_module(self.model)
+        if cfg.keep_local != "none":
+            if local_mask is not None:
+                raise ValueError("pass local_mask or set the task's keep_local, not both")
+            from medchain.personalize import local_mask_for
+            local_mask = local_mask_for(cfg.keep_local, self.layout)
+        if cfg.scaffold and select is not None:
+            raise ValueError("scaffold uploads the full update (Δw, Δc): a custom select cannot apply")
+        self.augment = Augmenter(cfg.augment) if cfg.augment else None
+        self.param_mask = np.zeros(self.layout.size, dtype=bool)    # trainable coordinates
+        for e in self.layout.entries:
+            if e.kind == "param":
+                self.param_mask[self.layout.slices[e.name]] = True
+        self.c_server = np.zeros(self.layout.size, dtype=np.float32) if cfg.scaffold else None
+        self.c_own = np.zeros(self.layout.size, dtype=np.float32) if cfg.scaffold else None
+        self.wire_layout_id, self.wire_size = (scaffold_layout_id(self.layout), 2 * self.layout.size) \
+            if cfg.scaffold else (self.layout.layout_id, self.layout.size)
         self.global_vec = model_vector(self.model, self.layout)
         if select is None and (cfg.theta_u < 1 or cfg.gamma is not None or cfg.sigma):
             select = make_selector(cfg, self.layout, cfg.seed, institution=self.index)
@@ -235,7 +304,8 @@ class Institution:
         self.local_mask = local_mask
         self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
         self.anchor, self.anchor_strength = anchor, anchor_strength
-        self.server = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        self.server = ServerOptimizer(cfg.server_lr, cfg.server_momentum,
+                                      averaged=~self.param_mask if cfg.server_momentum > 0 or cfg.server_lr != 1 else None)
         self.timings = {"train": 0.0, "encode": 0.0, "chain": 0.0, "replay": 0.0}
         self.last_upload: tuple[np.ndarray, np.ndarray] | None = None
         self.rounds_applied = 0                          # rounds aggregated into global_vec so far
@@ -258,7 +328,13 @@ class Institution:
         return np.where(self.local_mask, self.local_vec, base).astype(np.float32)
 
     def train_round(self, r: int) -> np.ndarray:
-        """Local training of round r from the current global model; returns Δ float32 (P,)."""
+        """Local training of round r from the current global model; returns Δ float32 (P,).
+
+        With ``cfg.scaffold`` (option II of Karimireddy et al. 2020): every gradient step adds
+        c_server − c_own, and the result is (Δw, Δc) float32 (2P,) with, on the parameters,
+        Δc = −c_server + (w_start − w_trained) / D, where D is the displacement a constant unit
+        gradient would have produced over the same SGD steps (K·lr for plain SGD with a constant
+        lr; with momentum and this round's lr schedule, their exact sum)."""
         t0 = time.perf_counter()
         start = self.working_vector()
         load_flat(self.model, start, self.layout)
@@ -266,9 +342,14 @@ class Institution:
         if self.cfg.prox_mu > 0:   # FedProx: stay near this round's starting point
             anchor = {k: v.detach().clone() for k, v in self.model.named_parameters()}
             strength = self.cfg.prox_mu
-        train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
-                     anchor=anchor, anchor_strength=strength,
-                     seed=self.cfg.seed * 100_003 + r * 1_009 + self.index)
+        offset = None
+        if self.cfg.scaffold:
+            names = {n for n, _ in self.model.named_parameters()}
+            offset = {k: v for k, v in unflatten(self.c_server - self.c_own, self.layout).items() if k in names}
+        stats = train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
+                             anchor=anchor, anchor_strength=strength,
+                             seed=self.cfg.seed * 100_003 + r * 1_009 + self.index,
+                             augment=self.augment, grad_offset=offset)
         if self.cfg.bn_recalibrate:
             recalibrate_bn(self.model, self.data.train)
         trained = model_vector(self.model, self.layout)
@@ -277,7 +358,16 @@ class Institution:
         if self.own_vec is not None:
             self.own_vec = trained
         self.timings["train"] += time.perf_counter() - t0
-        return (trained.astype(np.float64) - start.astype(np.float64)).astype(np.float32)
+        delta = (trained.astype(np.float64) - start.astype(np.float64)).astype(np.float32)
+        if not self.cfg.scaffold:
+            return delta
+        unit = stats["unit_displacement"]
+        if not unit or unit <= 0:
+            raise RuntimeError(f"institution {self.index}: round {r} made no SGD step; SCAFFOLD cannot "
+                               "estimate its control variate (is the training set smaller than 2 images?)")
+        dc = np.where(self.param_mask, -self.c_server.astype(np.float64)
+                      - delta.astype(np.float64) / unit, 0.0).astype(np.float32)
+        return np.concatenate([delta, dc])
 
     def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
         """Select, encode, place and submit round r's update; returns its digest. ``withhold``
@@ -295,7 +385,7 @@ class Institution:
             raise RuntimeError(f"institution {self.index}: the selection would upload local-only "
                                "coordinates; refusing to share them")
         self.last_upload = (idx, vals)
-        payload = codec.encode_update(vals, self.layout.layout_id, indices=idx, total_size=self.layout.size)
+        payload = codec.encode_update(vals, self.wire_layout_id, indices=idx, total_size=self.wire_size)
         if withhold:
             digest, inline = codec.digest(payload), b""
         else:
@@ -358,8 +448,8 @@ class Institution:
             try:
                 if inline:
                     codec.verify(inline, rec.digest, what=f"inline payload of {rec.sender}")
-                dec = codec.decode_update(payload, expected_layout_id=self.layout.layout_id,
-                                          expected_size=self.layout.size, max_abs=self.cfg.max_abs_update)
+                dec = codec.decode_update(payload, expected_layout_id=self.wire_layout_id,
+                                          expected_size=self.wire_size, max_abs=self.cfg.max_abs_update)
                 if dec.n != rec.n_values:
                     raise codec.CodecError(f"update of {rec.sender} carries {dec.n} values but the "
                                            f"ledger records n_values={rec.n_values}")
@@ -440,6 +530,8 @@ class Institution:
             return self.global_digest()
         t0 = time.perf_counter()
         decoded = sorted(decoded, key=lambda rd: (bytes(rd[0].digest), int(rd[0].n_samples)))
+        if self.cfg.scaffold:
+            decoded = self._apply_controls(decoded)
         updates = [SparseUpdate(d.indices, d.values, float(rec.n_samples), self.layout.size)
                    for rec, d in decoded]
         previous = self.global_vec
@@ -450,6 +542,21 @@ class Institution:
         self.rounds_applied = r + 1
         self.timings["replay"] += time.perf_counter() - t0
         return self.global_digest()
+
+    def _apply_controls(self, decoded: list) -> list:
+        """SCAFFOLD: split each accepted (Δw, Δc) into its halves, add the weighted mean of the Δc
+        (the same weights as the model's mean) to c_server and this institution's own Δc, as the
+        chain holds it, to c_own. Returns the updates with only their Δw half (dense, P values)."""
+        size = self.layout.size
+        me = getattr(self.ledger, "account", None)
+        me = getattr(me, "address", me)
+        full = np.arange(size, dtype=np.int64)
+        controls = [SparseUpdate(full, d.values[size:], float(rec.n_samples), size) for rec, d in decoded]
+        self.c_server = (self.c_server.astype(np.float64) + weighted_mean(controls)).astype(np.float32)
+        for (rec, d), c in zip(decoded, controls):
+            if me is not None and rec.sender == me:
+                self.c_own = (self.c_own.astype(np.float64) + c.values.astype(np.float64)).astype(np.float32)
+        return [(rec, codec.DecodedUpdate(d.layout_id, size, full, d.values[:size], True)) for rec, d in decoded]
 
     def replay_closed(self, until: int) -> list[bytes]:
         """Apply rounds ``rounds_applied .. until-1`` (all closed) from the ledger: how an
@@ -563,7 +670,7 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
                         **evaluate(model, eval_set)})
         if round_callback is not None:
             round_callback(r, insts)
-    final = build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
+    final = task_model(cfg, institutions[0].train.n_channels, n_classes)
     load_flat(final, insts[0].global_vec, insts[0].layout)
     timings = {k: sum(i.timings[k] for i in insts) for k in insts[0].timings}
     if chain is not None:

@@ -254,16 +254,18 @@ def _seeds(p: dict) -> int:
 
 
 def _work_01(p: dict) -> Work | None:
-    """Per seed and partition: collaborative (on chain) and, with_reference, the chain-free FedAvg
-    reference, rounds × local_epochs passes each; centralized and local-only, baseline_epochs each."""
+    """Per seed and partition: each collaborative method (on chain) and, with_reference, the
+    chain-free reference, rounds × local_epochs passes each; centralized and local-only,
+    baseline_epochs each."""
     n = n_train_images(p["source"], p.get("sim_n"))
     if n is None:
         return None
     passes = p["rounds"] * p["local_epochs"]
     base = passes if p.get("baseline_epochs") is None else p["baseline_epochs"]
     runs = _seeds(p) * len(p["partitions"])
-    return Work(runs * n * (passes * (1 + bool(p.get("with_reference"))) + 2 * base),
-                runs * p["rounds"], p["institutions"])
+    methods = len(p.get("methods") or ["fedavg"])
+    return Work(runs * n * (passes * (methods + bool(p.get("with_reference"))) + 2 * base),
+                runs * p["rounds"] * methods, p["institutions"])
 
 
 def _privacy_runs(p: dict) -> int:

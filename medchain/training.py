@@ -100,7 +100,8 @@ def channels_last(model: nn.Module):
 def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
                  lr_range: tuple[float, float] | None = None,
                  anchor: dict[str, torch.Tensor] | None = None, anchor_strength: float = 0.0,
-                 seed: int | None = None, quiet: bool = True, desc: str = "train") -> dict:
+                 seed: int | None = None, quiet: bool = True, desc: str = "train",
+                 augment=None, grad_offset: dict[str, torch.Tensor] | None = None) -> dict:
     """Train `model` in place for cfg.epochs epochs over `data` with a fresh optimizer.
 
     lr_range: (lr at the first step, lr at the last step) with cosine decay between; default
@@ -108,7 +109,13 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
     anchor / anchor_strength: adds (strength/2)·Σ‖w − anchor[w]‖² over the named parameters —
       FedProx's proximal term (anchor = global model) or L2-SP (anchor = a source model); its
       gradient strength·(w − anchor) is added to the parameters' gradients directly.
-    seed: shuffling seed (default cfg.seed). Returns {"loss": mean train loss, "steps": n}.
+    seed: shuffling seed (default cfg.seed). Returns {"loss": mean train loss, "steps": n,
+      "unit_displacement": D}: with SGD, how far a constant gradient of 1 would have moved a weight
+      over these steps (Σ_k lr_k·Σ_{j<=k} momentum^(k-j); K·lr for plain SGD), None otherwise.
+    augment: ``(x (B, C, H, W), torch.Generator) -> x`` applied to each training batch
+      (:class:`medchain.harmonize.Augmenter`), drawn from its own generator seeded by `seed`.
+    grad_offset: {parameter name: tensor} added to that parameter's gradient at every step
+      (SCAFFOLD's correction c − c_i).
 
     Speed (benchmarks/bench_training.py): images are converted once per call, the model and the
     inputs run in channels_last format (restored afterwards), the optimizer is fused and the loss
@@ -135,6 +142,11 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
                     for k, v in (anchor or {}).items()
                     if k in named and named[k].requires_grad] if anchor_strength > 0 else []   # frozen: untouched
         weights, anchors = [w for w, _ in anchored], [a for _, a in anchored]
+        offsets = [(named[k], torch.empty_like(named[k]).copy_(v.detach()))
+                   for k, v in (grad_offset or {}).items() if k in named and named[k].requires_grad]
+        aug_gen = torch.Generator().manual_seed(seed * 2 + 1) if augment is not None else None
+        momentum = cfg.momentum if cfg.optimizer == "sgd" else None
+        unit, velocity = 0.0, 0.0
         for _ in range(cfg.epochs):
             perm = torch.randperm(len(data), generator=gen)
             for start in range(0, len(data), cfg.batch_size):
@@ -145,9 +157,18 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb = x[idx].contiguous(memory_format=torch.channels_last)
+                if augment is not None:
+                    xb = augment(xb, aug_gen)
                 loss = loss_fn(model(xb), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if offsets:
+                    with torch.no_grad():
+                        for w, o in offsets:
+                            w.grad = o.clone() if w.grad is None else w.grad.add_(o)
+                if momentum is not None:
+                    velocity = momentum * velocity + 1.0
+                    unit += lr * velocity
                 if anchored:
                     loss = loss.detach() + _add_proximal_grad(weights, anchors, anchor_strength)
                 opt.step()
@@ -156,7 +177,7 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
                 bar.update(1)
     bar.close()
     mean_loss = float(torch.stack(losses).double().mean()) if losses else 0.0
-    return {"loss": mean_loss, "steps": step}
+    return {"loss": mean_loss, "steps": step, "unit_displacement": unit if momentum is not None else None}
 
 
 @torch.no_grad()

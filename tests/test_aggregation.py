@@ -26,6 +26,13 @@ def test_server_momentum_accumulates_identically():
     assert w.tolist() == [2.5, 5.0]
 
 
+def test_statistics_coordinates_take_the_plain_update_under_server_momentum():
+    opt = ServerOptimizer(lr=0.5, momentum=0.5, averaged=np.array([False, True]))
+    w = opt.step(np.zeros(2, np.float32), np.array([1.0, -2.0]))
+    w = opt.step(w, np.array([1.0, 4.0]))      # weight: 0.5·1 + 0.5·1.5; statistic: -2 + 4, no momentum
+    assert w.tolist() == [1.25, 2.0]
+
+
 def test_aggregation_refuses_bad_input():
     with pytest.raises(ValueError, match="zero updates"):
         weighted_mean([])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from medchain.data import load_dataset
-from medchain.experiments.collaborative import (compare_on_partition, partition_summary, run_seed,
-                                                 summarize)
+from medchain.experiments.collaborative import (compare_on_partition, method_table, partition_summary,
+                                                 run_seed, summarize)
 from medchain.experiments.seeds import map_seeds, parse_seeds
 from medchain.protocol import CollabConfig
 
@@ -21,21 +21,23 @@ def test_compare_on_partition_is_deterministic_and_summarised():
     s = partition_summary(runs[0], tolerance=0.02)
     assert s["rounds"] == 2 and s["seed"] == 3
     # counted in rounds, not in passes over the local data
-    by_round = [h["acc"] for h in runs[0].collab.history]
+    by_round = [h["acc"] for h in runs[0].extra["curve"]]
     first = next((i + 1 for i, a in enumerate(by_round) if a >= s["centralized"]["acc"] - 0.02), None)
     assert s["rounds_to_within_tolerance"] == first
     for m in ("acc", "balanced_acc", "auc"):
         assert s["gap_collaborative_minus_centralized"][m] == pytest.approx(
             s["collaborative"][m] - s["centralized"][m], abs=1e-12)
     # equal budgets and one selection rule, recorded
-    assert s["passes_over_local_data"] == {"centralized": 2, "local_only": 2, "collaborative": 2}
+    assert s["passes_over_local_data"] == {"centralized": 2, "local_only": 2, "collaborative": 2,
+                                           "collaborative[fedavg]": 2}
+    assert s["selection"]["collaborative_method"] == "fedavg" and set(s["method_details"]) == {"fedavg"}
     sel = s["selection"]
     assert 1 <= sel["collaborative_round"] <= 2
     assert sel["collaborative_round_digest"] == runs[0].collab.history[sel["collaborative_round"] - 1]["digest"]
     lo, hi = s["gap_test_image_interval_95"]
     assert lo <= s["gap_collaborative_minus_centralized"]["acc"] <= hi
     assert 0 <= s["chain_overhead_pct"] <= 100
-    assert set(runs[0].curves.method) == {"centralized", "local_only", "collaborative"}
+    assert set(runs[0].curves.method) == {"centralized", "local_only", "collaborative", "collaborative[fedavg]"}
     assert np.all(runs[0].curves.acc.between(0, 1))
 
 
@@ -59,6 +61,42 @@ def test_summarize_decides_over_seeds_and_one_seed_is_inconclusive():
     assert summarize(far, 0.02, partition_name="sites")["verdict"]["verdict"] == "fails"
     one = summarize(close[:1], 0.02, partition_name="iid")["verdict"]
     assert one["verdict"] == "inconclusive" and one["holds"] is None and "1 seed" in one["detail"]
+
+
+def _fake_methods_seed(seed, cen, gaps: dict[str, tuple[float, float]], chosen: str):
+    """A per-seed summary with method_details: gaps[m] = (pooled ACC gap, worst-site ACC gap)."""
+    out = _fake_seed(seed, cen, cen + gaps[chosen][0], cen - 0.1)["summary"]
+    metrics = lambda a: {"acc": a, "balanced_acc": a, "auc": a}
+    out["method_details"] = {m: {"pooled": metrics(cen + g), "gap": metrics(g), "worst_site": metrics(cen + w),
+                                 "gap_worst_site": metrics(w), "worst_gap_site": "inst1",
+                                 "val": {"acc": cen + g}, "chain": {"upload_bytes_per_round": 1e6 * (1 + (m == "b")),
+                                                                    "update_gas_per_round": 9e4, "values_per_update": 10}}
+                             for m, (g, w) in gaps.items()}
+    out["selection"] = {"collaborative_method": chosen}
+    out["gap_worst_site_collaborative_minus_centralized"] = metrics(gaps[chosen][1])
+    return {"summary": out}
+
+
+def test_summarize_describes_every_method_and_decides_the_target_on_the_chosen_one():
+    gaps = lambda s: {"a": (-0.10 + 0.002 * s, -0.30), "b": (-0.01 + 0.002 * s, -0.03 - 0.002 * s)}
+    runs = [_fake_methods_seed(s, 0.9, gaps(s), "b") for s in range(5)]
+    out = summarize(runs, 0.02, partition_name="sites", target=(0.03, 0.05))
+    assert out["chosen_methods"] == ["b"] * 5
+    b = out["methods"]["collaborative[b]"]
+    assert b["chosen_in_seeds"] == [0, 1, 2, 3, 4] and out["methods"]["collaborative[a]"]["chosen_in_seeds"] == []
+    assert b["gap"]["acc"]["mean"] == pytest.approx(-0.006) and b["chain"]["upload_bytes_per_round"] == 2e6
+    t = out["target"]
+    assert t["verdict"] == "holds" and t["deciding_metric"] == ("acc", "worst_site_acc")
+    assert t["closest_method"] == "b"
+    table = method_table(out)
+    assert list(table.index) == ["collaborative[a]", "collaborative[b]"]
+    assert table.loc["collaborative[b]", "upload MB / round"] == pytest.approx(2.0)
+    far = [_fake_methods_seed(s, 0.9, {"a": (-0.10 + 0.002 * s, -0.30), "b": (-0.06 + 0.002 * s, -0.2)}, "b")
+           for s in range(5)]
+    t = summarize(far, 0.02, partition_name="sites", target=(0.03, 0.05))["target"]
+    assert t["verdict"] == "fails" and t["closest_method"] == "b"
+    assert t["shortfall_relative_to_margin"]["a"] > t["shortfall_relative_to_margin"]["b"] > 1
+    assert "target" not in summarize(far, 0.02, partition_name="iid")
 
 
 def test_parse_seeds_forms_and_errors():
