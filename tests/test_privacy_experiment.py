@@ -121,3 +121,44 @@ def test_summarize_seeds_decides_cost_and_worst_image_leakage_over_seeds():
     assert one["verdict"] == "inconclusive"
     with pytest.raises(ValueError, match="θu = 0.2"):
         P.summarize_seeds(protected, theta=0.2)
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.1])
+def test_bn_statistics_policy_decoding_every_payload_on_the_ledger(ct, theta):
+    """bn_stats="local": no payload of any round carries a BatchNorm statistic, and the scored
+    model holds institution 0's own statistics; "shared": every payload carries all of them, and
+    θu counts over the trainable parameters only."""
+    from medchain.data import partition
+    from medchain.privacy import n_selected, trainable_mask
+    from medchain.blobstore import fetch_payload
+    from medchain.params import model_vector
+    from medchain.protocol import run_collaborative
+
+    insts = partition(ct, 2, "iid", seed=0)
+    lay = Layout.from_module(build_model("cnn_small", 1, 3, 0))
+    buffers = ~trainable_mask(lay)
+    assert buffers.sum() > 0
+    for policy in ("local", "shared"):
+        cfg = CollabConfig(model="cnn_small", rounds=2, theta_u=theta, bn_stats=policy, seed=0)
+        res = run_collaborative(insts, 3, cfg, chain=None)
+        ledger = res.institutions[0].ledger
+        n = 0
+        for r in range(cfg.rounds):
+            for rec in ledger.updates(r):
+                payload = fetch_payload(rec.digest, bytes(rec.payload), res.institutions[0].store)
+                dec = codec.decode_update(payload, expected_layout_id=lay.layout_id,
+                                          expected_size=lay.size)
+                on_bn = buffers[dec.indices].sum()
+                n_params = dec.n - on_bn
+                assert n_params == n_selected(theta, int((~buffers).sum()))
+                assert on_bn == (0 if policy == "local" else buffers.sum()), (policy, r)
+                n += 1
+        assert n == 4
+        vec = model_vector(res.model, lay)
+        inst0 = res.institutions[0]
+        if policy == "local":
+            assert np.array_equal(vec[buffers], inst0.local_vec[buffers])
+            assert not np.array_equal(inst0.global_vec[buffers], inst0.local_vec[buffers])
+        else:
+            assert np.array_equal(vec, inst0.global_vec)
+        assert 0 <= res.history[-1]["acc"] <= 1

@@ -227,11 +227,16 @@ class InversionCase:
 @dataclass
 class Target:
     """The attacker's view of one update: per model parameter (layout order) the estimated
-    gradient ``−Δ/(lr·steps)`` (0 where not revealed) and the bool mask of revealed coordinates."""
+    gradient ``−Δ/(lr·steps)`` (0 where not revealed) and the bool mask of revealed coordinates;
+    ``bn_stats``: per BatchNorm module whose running statistics the payload reveals,
+    ``(mean (C,), var (C,), revealed (C,) bool)`` = global statistics + Δ, i.e. the institution's
+    statistics after the round (with BN recalibration: the exact per-channel moments of its images'
+    activations, Yin et al. 2021's prior)."""
 
     names: list[str]
     grads: list[torch.Tensor]
     revealed: list[torch.Tensor]
+    bn_stats: dict = field(default_factory=dict)
 
     @property
     def revealed_fraction(self) -> float:
@@ -265,7 +270,22 @@ def decode_target(payload: bytes, public: PublicInfo,
         names.append(name)
         grads.append(torch.from_numpy(full[s].astype(np.float32)).reshape(p.shape))
         revealed.append(torch.from_numpy(mask[s].copy()).reshape(p.shape))
-    return Target(names, grads, revealed)
+    after = public.global_vec.astype(np.float64).copy()
+    after[dec.indices] += dec.values.astype(np.float64)
+    bn_stats = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue
+        mean_s = layout.slices.get(f"{mod_name}.running_mean")
+        var_s = layout.slices.get(f"{mod_name}.running_var")
+        if mean_s is None or var_s is None:
+            continue
+        seen = mask[mean_s] & mask[var_s]
+        if seen.any():
+            bn_stats[mod_name] = (torch.from_numpy(after[mean_s].astype(np.float32)),
+                                  torch.from_numpy(after[var_s].astype(np.float32)),
+                                  torch.from_numpy(seen.copy()))
+    return Target(names, grads, revealed, bn_stats)
 
 
 def recover_labels(target: Target, n_images: int, num_classes: int,
@@ -360,7 +380,8 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
            attacker: str = "mask_aware", *, steps: int | None = None, seed: int = 0,
            tv: float = 1e-4, signed: bool = True, lr: float = 0.1, max_iter: int = 20,
            labels: str = "auto", images: np.ndarray | None = None,
-           true_labels: np.ndarray | None = None) -> Reconstruction:
+           true_labels: np.ndarray | None = None, bn_prior: float = 0.0,
+           init: np.ndarray | None = None) -> Reconstruction:
     """Reconstruct the images behind an on-chain update.
 
     payload: the encoded update as stored on chain / in the blob store.
@@ -374,6 +395,14 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
       image, optimized for a batch, where the sign heuristic of :func:`recover_labels` fails on
       trained models), ``"analytic"`` (iDLG's recovery, falling back to optimized when it is
       undetermined) or ``"optimized"`` (soft labels optimized jointly with the images, as DLG).
+    bn_prior: weight of Yin et al. 2021's BatchNorm prior — ``Σ_layers ‖μ(x) − μ̂‖₂ + ‖σ²(x) − σ̂²‖₂``
+      between the dummy batch's per-channel moments at each BatchNorm input and the running
+      statistics the payload reveals (:attr:`Target.bn_stats`); 0: off. With a payload that
+      reveals BN statistics but no parameter coordinate the attack matches the statistics alone
+      (what shared BN statistics reveal on their own); otherwise such a payload raises
+      :class:`NothingToInvert`.
+    init: float (C, H, W) or (B, C, H, W) in [-1, 1], the starting images (default: standard
+      normal noise from ``seed``), e.g. the population's mean image, which every member may know.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -393,9 +422,22 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
     params = dict(model.named_parameters())
     masks = [m if attacker == "mask_aware" else torch.ones_like(m) for m in target.revealed]
     use = [i for i, m in enumerate(masks) if bool(m.any())]
-    if not use:
+    if bn_prior < 0 or not math.isfinite(bn_prior):
+        raise ValueError(f"bn_prior must be a finite weight >= 0, got {bn_prior}")
+    bn_targets = target.bn_stats if bn_prior > 0 else {}
+    if not use and not bn_targets:
         raise NothingToInvert("the payload reveals no parameter coordinate to a mask-aware attacker "
-                              "(only buffers such as BatchNorm statistics): nothing to invert")
+                              "(only buffers such as BatchNorm statistics; pass bn_prior > 0 to "
+                              "invert those): nothing to invert")
+    moments: dict = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name in bn_targets:
+            def hook(module, inputs, output, name=name):
+                a = inputs[0]
+                dims = [d for d in range(a.dim()) if d != 1]
+                moments[name] = (a.mean(dims), a.var(dims, unbiased=True))
+            hooks.append(mod.register_forward_hook(hook))
     plist = [params[target.names[i]] for i in use]
     tgt = [target.grads[i] for i in use]
     msk = [masks[i].float() for i in use]
@@ -405,7 +447,14 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
     B, K = public.n_images, public.num_classes
     H, W = public.image_shape
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((B, public.in_chans, H, W), generator=gen).requires_grad_(True)
+    x = torch.randn((B, public.in_chans, H, W), generator=gen)
+    if init is not None:
+        x0 = torch.as_tensor(np.asarray(init, dtype=np.float32))
+        x = (x0.expand(B, -1, -1, -1) if x0.dim() == 3 else x0).clone()
+        if tuple(x.shape) != (B, public.in_chans, H, W):
+            raise ValueError(f"init must be (C, H, W) or (B, C, H, W) = {(B, public.in_chans, H, W)}, "
+                             f"got {tuple(x0.shape)}")
+    x = x.requires_grad_(True)
     y_soft = torch.randn((B, K), generator=gen).requires_grad_(True)
 
     hard = None
@@ -413,18 +462,32 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
                                                               or (method == "ig" and B == 1)))
     if analytic:
         hard = recover_labels(target, B, K)
-    label_source = "analytic" if hard is not None else "optimized"
+    label_source = "analytic" if hard is not None else "optimized" if plist else "none"
     y_hard = torch.from_numpy(hard) if hard is not None else None
-    variables = [x] if hard is not None else [x, y_soft]
+    variables = [x] if (hard is not None or not plist) else [x, y_soft]
     cost = "cos" if method == "ig" else "l2"
+
+    def bn_term() -> torch.Tensor:
+        total = torch.zeros(())
+        for name, (mu, var, seen) in bn_targets.items():
+            m, v = moments[name]
+            total = total + torch.linalg.vector_norm((m - mu)[seen]) + torch.linalg.vector_norm((v - var)[seen])
+        return bn_prior * total
 
     def objective() -> torch.Tensor:
         out = model(x)
+        if not plist:   # BN statistics only
+            return bn_term() + (tv * _total_variation(x) if tv > 0 else 0.0)
         if y_hard is not None:
             loss = F.cross_entropy(out, y_hard)
         else:
             loss = torch.sum(-torch.softmax(y_soft, -1) * torch.log_softmax(out, -1), -1).mean()
         dg = torch.autograd.grad(loss, plist, create_graph=True)
+        if bn_targets:
+            return _match(dg) + bn_term()
+        return _match(dg)
+
+    def _match(dg) -> torch.Tensor:
         if cost == "l2":
             d = sum(((g - t) ** 2 * m).sum() for g, t, m in zip(dg, tgt, msk)) / (tgt_norm ** 2)
         else:
@@ -484,6 +547,8 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
             if it % 10 == 0:
                 trace.append(val)
 
+    for h in hooks:
+        h.remove()
     xr = best["x"].clamp(-1, 1)
     rec_labels = hard if hard is not None else best["y"].argmax(-1).numpy().astype(np.int64)
     rec_u8 = _to_uint8(xr)
