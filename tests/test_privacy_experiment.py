@@ -72,7 +72,10 @@ def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
     u = a["utility"].set_index("defence")
     assert u.loc["partial_largest_bn_local", "bn_values_per_update"] == 0
     assert u.loc["none", "bn_values_per_update"] > 0
-    assert set(a["mia"].defence) == set(defs)
+    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss"}
+    upd = a["mia"][a["mia"].attack == "update_loss"]
+    assert sorted(set(upd["round"])) == [0, 1] and sorted(set(upd.institution)) == [0, 1]
+    assert len(upd) == 2 * 2 * 2 and upd.auc.between(0, 1).all()          # defences × rounds × institutions
     with pytest.raises(ValueError, match="unknown task parameter"):
         P.run_seed(ct, **{**kw, "defences": {"x": {"theta": 0.1}}})
 

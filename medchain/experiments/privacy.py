@@ -20,7 +20,8 @@ defence run on the same partition and seeds:
 * :func:`worst_case_leakage` — the labelled upper bound of the literature: one image, one gradient
   step of an untrained sigmoid LeNet (:meth:`InversionCase.worst_case`), iDLG.
 * :func:`membership_sweep` — membership inference on each defence's final global model (Yeom's
-  loss attack; LiRA with centrally trained shadows when asked).
+  loss attack; LiRA with centrally trained shadows when asked); :func:`update_membership` — on the
+  per-round, per-institution updates the chain shows (loss-difference attack, no shadows).
 """
 from __future__ import annotations
 
@@ -33,18 +34,19 @@ import torch
 
 from medchain.attacks import (InversionCase, NothingToInvert, decode_target, invert, logit_confidence,
                               loss_attack, mia_metrics)
-from medchain.attacks.membership import lira_scores
+from medchain.attacks.membership import lira_scores, update_loss_attack
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.metrics import psnr as psnr_fn
 from medchain.metrics import reidentification_rank
 from medchain.metrics import ssim as ssim_fn
 from medchain.models import build_model
+from medchain.params import model_vector
 from medchain.privacy import trainable_mask
 from medchain.protocol import CollabConfig, run_collaborative
 from medchain.training import TrainConfig, to_tensor, train_epochs
 
 __all__ = ["DEFENCES", "defence_runs", "pick_images", "protocol_leakage", "worst_case_leakage",
-           "membership_sweep", "mean_image", "run_seed", "ATTACK_BUDGET"]
+           "membership_sweep", "update_membership", "mean_image", "run_seed", "ATTACK_BUDGET"]
 
 #: The defences compared on the same chain and seeds (CollabConfig overrides).
 DEFENCES = {
@@ -98,14 +100,27 @@ def _config(cfg: CollabConfig, overrides: dict) -> CollabConfig:
 # (1) utility: one chain run per defence
 
 def defence_runs(institutions: list[InstitutionData], n_classes: int, cfg: CollabConfig,
-                 defences: dict, *, chain: str | None = "embedded") -> tuple[list[dict], dict]:
+                 defences: dict, *, chain: str | None = "embedded",
+                 snapshot_rounds: Sequence[int] = ()) -> tuple[list[dict], dict]:
     """Collaborative training once per defence (``cfg`` with the defence's overrides).
     Returns (rows: defence, acc, balanced_acc, auc, loss, values / BN values per update, the
-    chain's ledger address and final block hash, wall_s; runs: defence → CollabResult)."""
+    chain's ledger address and final block hash, wall_s; runs: defence → CollabResult). For each
+    round r of ``snapshot_rounds`` the global model it started from is kept in
+    ``runs[defence].snapshots[r]`` (float32 (P,)), for :func:`update_membership`."""
     rows, runs = [], {}
     for name, over in defences.items():
         c = _config(cfg, over)
-        res = run_collaborative(institutions, n_classes, c, chain=chain)
+        snaps = {}
+        if 0 in snapshot_rounds:
+            probe = build_model(c.model, institutions[0].train.n_channels, n_classes, c.seed)
+            snaps[0] = model_vector(probe)
+
+        def keep(r, insts, snaps=snaps):
+            if r + 1 in snapshot_rounds:
+                snaps[r + 1] = insts[0].global_vec.copy()
+
+        res = run_collaborative(institutions, n_classes, c, chain=chain, round_callback=keep)
+        res.snapshots = snaps
         runs[name] = res
         last, inst = res.history[-1], res.institutions[0]
         buffers = ~trainable_mask(inst.layout)
@@ -245,6 +260,33 @@ def membership_sweep(runs: dict, institutions: list[InstitutionData], *, n: int 
     return pd.DataFrame(rows)
 
 
+def update_membership(runs: dict, institutions: list[InstitutionData], *, n: int = 150,
+                      seed: int = 0) -> pd.DataFrame:
+    """Membership inference on what the chain shows each round: for every kept round (the
+    snapshots of :func:`defence_runs`) and institution, its update is read from the ledger and
+    decoded, and :func:`medchain.attacks.membership.update_loss_attack` scores ``n`` of that
+    institution's training images against ``n`` test images of all institutions (loss drop from
+    the round's global model to the model the update reveals; no shadow calibration). Rows:
+    defence, attack, round, institution, auc, tpr@1%fpr, tpr@0.1%fpr."""
+    rng = np.random.default_rng(seed)
+    test = ImageSet.concat([d.test for d in institutions])
+    nonmembers = test.subset(np.sort(rng.choice(len(test), min(n, len(test)), replace=False)))
+    members = {d.index: d.train.subset(np.sort(rng.choice(len(d.train), min(n, len(d.train)), replace=False)))
+               for d in institutions}
+    rows = []
+    for name, res in runs.items():
+        inst0 = res.institutions[0]
+        for r, before in sorted(getattr(res, "snapshots", {}).items()):
+            for rec, dec in inst0.read_round(r):
+                owner = next(i for i in res.institutions
+                             if getattr(i.ledger.account, "address", i.ledger.account) == rec.sender)
+                after = before.astype(np.float64)
+                after[dec.indices] += dec.values.astype(np.float64)
+                a = update_loss_attack(res.model, before, after.astype(np.float32), members[owner.index], nonmembers)
+                rows.append({"defence": name, "round": r, "institution": owner.index, **a.as_dict()})
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # one seed
 
@@ -252,6 +294,7 @@ def run_seed(dataset, *, seed: int, cfg: CollabConfig, defences: dict | None = N
              partition_scheme: str = "iid", institutions: int = 5, n_attack_images: int = 4,
              attack_steps: int = 200, bn_prior: float = 1.0, worst_case_thetas: Sequence[float] = (1.0, 0.1),
              worst_case_steps: int = 50, mia_n: int = 300, lira_shadows: int = 0,
+             update_mia_rounds: Sequence[int] | None = None, update_mia_n: int = 150,
              chain: str | None = "embedded", attack_chain: str | None = None, keep_recon: bool = False) -> dict:
     """One seed of claim 2: the seed draws the partition, the initialization and shuffling, the
     attacked images and the attacks' initialization. Every defence trains on the same partition;
@@ -263,7 +306,10 @@ def run_seed(dataset, *, seed: int, cfg: CollabConfig, defences: dict | None = N
     defences = dict(DEFENCES if defences is None else defences)
     cfg = replace(cfg, seed=seed)
     insts = partition(dataset, None if partition_scheme == "sites" else institutions, partition_scheme, seed=seed)
-    util, runs = defence_runs(insts, dataset.n_classes, cfg, defences, chain=chain)
+    if update_mia_rounds is None:   # the first, a middle and the last round
+        update_mia_rounds = sorted({0, cfg.rounds // 2, cfg.rounds - 1})
+    util, runs = defence_runs(insts, dataset.n_classes, cfg, defences, chain=chain,
+                              snapshot_rounds=tuple(update_mia_rounds))
     idx = pick_images(dataset.train, n_attack_images, seed)
     with torch.random.fork_rng(devices=[]):
         leak, recon = protocol_leakage(dataset.train, dataset.n_classes, {k: r.model for k, r in runs.items()},
@@ -273,5 +319,7 @@ def run_seed(dataset, *, seed: int, cfg: CollabConfig, defences: dict | None = N
             leak += worst_case_leakage(dataset.train, dataset.n_classes, idx[:1], worst_case_thetas,
                                        steps=worst_case_steps, seed=seed)
     mia = membership_sweep(runs, insts, n=mia_n, lira_shadows=lira_shadows, cfg=cfg, seed=seed)
+    umia = update_membership(runs, insts, n=update_mia_n, seed=seed)
+    mia = pd.concat([mia, umia], ignore_index=True)
     return {"seed": seed, "utility": pd.DataFrame(util).assign(seed=seed),
             "leak": pd.DataFrame(leak).assign(seed=seed), "mia": mia.assign(seed=seed), "recon": recon}

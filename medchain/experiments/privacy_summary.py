@@ -120,7 +120,9 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
         p = _per_seed(proto, name, "reid_percentile")
         d["reid_percentile"] = stats.describe(p.to_numpy()) if len(p) else None
         m = mia[mia.defence == name]
-        d["mia"] = {a: {k: float(h[k].mean()) for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr")}
+        d["mia"] = {a: {**{k: stats.describe(h.groupby("seed")[k].mean().to_numpy())
+                           for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr")},
+                        "auc_max": float(h.auc.max()), "n_attacks": int(len(h))}
                     for a, h in m.groupby("attack")}
         per_defence[name] = d
     return {"verdict": verdict, "decide": decide, "reference": reference, "per_defence": per_defence,
@@ -179,7 +181,8 @@ def plot_leakage(leak: pd.DataFrame):
 
 
 def plot_membership(mia: pd.DataFrame):
-    """Membership-inference AUC and TPR at 1 % FPR on each defence's final global model."""
+    """Membership-inference AUC and TPR at 1 % FPR per defence and attack (final global model;
+    per-round updates averaged over rounds and institutions)."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     g = mia.groupby(["defence", "attack"], sort=False)[["auc", "tpr@1%fpr"]].mean().reset_index()
     labels = g.defence + "/" + g.attack
@@ -188,7 +191,7 @@ def plot_membership(mia: pd.DataFrame):
     ax.barh(y + 0.2, g["tpr@1%fpr"], height=0.4, label="TPR@1%FPR")
     ax.set_yticks(y, labels, fontsize=7)
     ax.axvline(0.5, color="gray", lw=0.8)
-    ax.set_title("membership inference on the final global model", fontsize=9)
+    ax.set_title("membership inference (loss: final model; update_loss: posted updates)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
