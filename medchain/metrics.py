@@ -148,11 +148,12 @@ def reconstruction_metrics(recon, originals, data_range: float = 255.0, *,
 
 def reidentification_rank(recon, true_index, pool, reference=None) -> np.ndarray:
     """Re-identification: the rank (1 = best) of each reconstruction's true image among a
-    candidate ``pool`` of patients, by Pearson correlation between the reconstruction and each
-    candidate, both taken relative to ``reference`` (the population's mean image; default the
-    pool's mean). Correlation ignores the brightness / contrast a BatchNorm network cannot reveal;
+    candidate ``pool`` of patients, by the absolute Pearson correlation between the reconstruction
+    and each candidate, both taken relative to ``reference`` (the population's mean image; default
+    the pool's mean). Correlation ignores the brightness / contrast a BatchNorm network cannot
+    reveal, its absolute value a reconstruction with inverted contrast (an attacker tries both);
     subtracting the mean image leaves what is specific to a patient, so the mean image itself
-    re-identifies no one (rank at chance, (N+1)/2 on average).
+    re-identifies no one (it ties with every candidate and ranks last).
 
     recon: (B, H, W[, C]); true_index: int (B,) positions in ``pool`` (N, H, W[, C]).
     Returns int64 (B,) ranks in 1..N (ties count against the attacker: rank = 1 + number of
@@ -173,7 +174,7 @@ def reidentification_rank(recon, true_index, pool, reference=None) -> np.ndarray
     pf = pf - pf.mean(1, keepdims=True)
     rf /= np.linalg.norm(rf, axis=1, keepdims=True) + 1e-12
     pf /= np.linalg.norm(pf, axis=1, keepdims=True) + 1e-12
-    sim = rf @ pf.T                                                   # (B, N)
+    sim = np.abs(rf @ pf.T)                                           # (B, N)
     own = sim[np.arange(t.size), t]
     ahead = (sim >= own[:, None]).sum(1) - 1                          # others at least as similar
     return (1 + ahead).astype(np.int64)

@@ -44,6 +44,19 @@ def test_psnr_mse_ssim_by_hand():
     assert (ssim(x, 255 - x) < 0).all()
 
 
+def test_reidentification_rank_by_hand():
+    from medchain.metrics import reidentification_rank
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(60, 200, size=(5, 8, 8)).astype(np.uint8)
+    mean = pool.astype(np.float64).mean(0).round().astype(np.uint8)
+    inverted = np.clip(2.0 * mean - pool[3], 0, 255).astype(np.uint8)     # contrast flipped about the mean
+    recon = np.stack([pool[1], inverted, mean])
+    assert reidentification_rank(recon, [1, 3, 0], pool, mean).tolist() == [1, 1, 5]
+    with pytest.raises(ValueError, match="true_index"):
+        reidentification_rank(recon, [1, 3, 9], pool, mean)
+
+
 def test_matching_undoes_a_permutation():
     rng = np.random.default_rng(0)
     orig = rng.integers(0, 256, (5, 10, 10)).astype(np.uint8)
