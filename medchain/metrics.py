@@ -144,3 +144,37 @@ def reconstruction_metrics(recon, originals, data_range: float = 255.0, *,
         out["label_count_acc"] = float(np.minimum(np.bincount(rl, minlength=k),
                                                   np.bincount(tl, minlength=k)).sum() / tl.size)
     return out
+
+
+def reidentification_rank(recon, true_index, pool, reference=None) -> np.ndarray:
+    """Re-identification: the rank (1 = best) of each reconstruction's true image among a
+    candidate ``pool`` of patients, by the absolute Pearson correlation between the reconstruction
+    and each candidate, both taken relative to ``reference`` (the population's mean image; default
+    the pool's mean). Correlation ignores the brightness / contrast a BatchNorm network cannot
+    reveal, its absolute value a reconstruction with inverted contrast (an attacker tries both);
+    subtracting the mean image leaves what is specific to a patient, so the mean image itself
+    re-identifies no one (it ties with every candidate and ranks last).
+
+    recon: (B, H, W[, C]); true_index: int (B,) positions in ``pool`` (N, H, W[, C]).
+    Returns int64 (B,) ranks in 1..N (ties count against the attacker: rank = 1 + number of
+    candidates at least as similar as the true image, other than itself).
+    """
+    r = _as_image_batch(recon, "recon").astype(np.float64)
+    p = _as_image_batch(pool, "pool").astype(np.float64)
+    t = np.asarray(true_index, dtype=np.int64).ravel()
+    if r.shape[1:] != p.shape[1:] or t.size != r.shape[0]:
+        raise ValueError(f"need recon (B, ...), true_index (B,) and pool (N, ...) of the same image "
+                         f"shape; got {r.shape}, {t.shape}, {p.shape}")
+    if t.size and (t.min() < 0 or t.max() >= p.shape[0]):
+        raise ValueError(f"true_index must lie in [0, {p.shape[0]}), got {t.min()}..{t.max()}")
+    ref = p.mean(0) if reference is None else np.asarray(reference, dtype=np.float64)
+    rf = (r - ref).reshape(r.shape[0], -1)
+    pf = (p - ref).reshape(p.shape[0], -1)
+    rf = rf - rf.mean(1, keepdims=True)
+    pf = pf - pf.mean(1, keepdims=True)
+    rf /= np.linalg.norm(rf, axis=1, keepdims=True) + 1e-12
+    pf /= np.linalg.norm(pf, axis=1, keepdims=True) + 1e-12
+    sim = np.abs(rf @ pf.T)                                           # (B, N)
+    own = sim[np.arange(t.size), t]
+    ahead = (sim >= own[:, None]).sum(1) - 1                          # others at least as similar
+    return (1 + ahead).astype(np.int64)

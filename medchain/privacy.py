@@ -17,6 +17,14 @@ Upload (:func:`select_update`, :func:`make_selector`)
     * ``scope="global"`` (default): one top-k over the whole vector, ``k = round(θu·P)``;
       ``scope="layer"``: ``k_t = round(θu·n_t)`` within each tensor ``t`` of the layout, so every
       tensor shares something. In both scopes ``k ≥ 1`` (for each tensor in ``"layer"`` scope).
+    * ``eligible``: bool (P,), the coordinates that may be selected; θu counts over them only.
+      :func:`make_selector` makes the model's *trainable parameters* eligible, so θu is a fraction
+      of the trainable update, and treats statistics buffers (BatchNorm running mean / var) by the
+      task's explicit ``bn_stats`` policy (:data:`BN_POLICIES`): ``"local"`` — never uploaded
+      (the protocol keeps them as local-only coordinates); ``"shared"`` — every buffer coordinate
+      is uploaded with each update, unclipped and noise-free, counted in the payload (they are the
+      exact per-channel moments of the institution's activations; :mod:`medchain.attacks`
+      inverts them).
     * Deterministic: ties in ``|Δ|`` go to the lower coordinate (stable sort); randomness (random
       rule, noise) comes only from ``rng`` (a seed or ``numpy.random.Generator``) and is drawn in a
       fixed order (selection first, then noise in increasing coordinate order).
@@ -46,11 +54,22 @@ import numpy as np
 
 from medchain.params import Layout
 
-__all__ = ["RULES", "SCOPES", "n_selected", "select_update", "make_selector", "download_mask",
+__all__ = ["RULES", "SCOPES", "BN_POLICIES", "n_selected", "trainable_mask", "select_update", "make_selector", "download_mask",
            "apply_download"]
 
 RULES = ("largest", "random")
 SCOPES = ("global", "layer")
+BN_POLICIES = ("local", "shared")
+
+
+def trainable_mask(layout: Layout) -> np.ndarray:
+    """bool (P,): the coordinates of trainable parameters (not buffers such as BatchNorm
+    running statistics)."""
+    mask = np.zeros(layout.size, dtype=bool)
+    for e in layout.entries:
+        if e.kind == "param":
+            mask[layout.slices[e.name]] = True
+    return mask
 
 
 def n_selected(theta: float, n: int) -> int:
@@ -118,7 +137,8 @@ def _pick(mag: np.ndarray, k: int, rule: str, tau: float | None,
 def select_update(delta, theta_u: float, *, rule: str = "largest", scope: str = "global",
                   layout: Layout | None = None, tau: float | None = None,
                   gamma: float | None = None, sigma: float | None = None,
-                  rng: int | np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  rng: int | np.random.Generator | None = None,
+                  eligible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Choose the part of an update an institution uploads (see the module docstring).
 
     delta: float (P,), the update ``w_local − w_global``. theta_u: fraction in (0, 1].
@@ -126,6 +146,7 @@ def select_update(delta, theta_u: float, *, rule: str = "largest", scope: str = 
     all P coordinates) or ``"layer"`` (θu of each tensor of ``layout``). tau: eligibility threshold
     on |Δ| (strict ``>``). gamma: clip shared values to ±γ. sigma: std of Gaussian noise added to
     the shared values. rng: seed or Generator, required for ``rule="random"`` or ``sigma > 0``.
+    eligible: bool (P,) coordinates that may be shared (default all); θu is a fraction of them.
 
     Returns (indices int64 (n,) strictly increasing, values float32 (n,)); n = round(θu·P) (at
     least 1) unless ``tau`` leaves fewer eligible coordinates.
@@ -141,12 +162,18 @@ def select_update(delta, theta_u: float, *, rule: str = "largest", scope: str = 
         raise ValueError("gamma = 0 would clip every shared value to 0; use gamma > 0 or None")
     noisy = sigma is not None and sigma > 0
     gen = _as_rng(rng) if (rule == "random" or noisy) else None
+    if eligible is not None:
+        eligible = np.asarray(eligible)
+        if eligible.dtype != bool or eligible.shape != d.shape:
+            raise ValueError(f"eligible must be a bool mask of shape {d.shape}, got {eligible.dtype} "
+                             f"{eligible.shape}")
     mag = np.abs(d.astype(np.float64))
     chosen = []
     for start, stop in _segments(d.size, scope, layout):
-        k = n_selected(theta_u, stop - start)
+        pos = np.arange(stop - start) if eligible is None else np.flatnonzero(eligible[start:stop])
+        k = n_selected(theta_u, pos.size)
         if k:
-            chosen.append(start + _pick(mag[start:stop], k, rule, tau, gen))
+            chosen.append(start + pos[_pick(mag[start:stop][pos], k, rule, tau, gen)])
     idx = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
     vals = d[idx].astype(np.float64)
     if gamma is not None:
@@ -156,7 +183,7 @@ def select_update(delta, theta_u: float, *, rule: str = "largest", scope: str = 
     return idx, vals.astype(np.float32)
 
 
-_SELECT_KEYS = ("theta_u", "rule", "scope", "tau", "gamma", "sigma")
+_SELECT_KEYS = ("theta_u", "rule", "scope", "tau", "gamma", "sigma", "bn_stats")
 
 
 def _param(params: Any, key: str, default=None):
@@ -173,7 +200,10 @@ def make_selector(params: Any, layout: Layout | None = None, seed: int = 0, *,
     params: anything with attributes or keys ``theta_u`` and, optionally, ``select_rule`` /
     ``rule``, ``select_scope`` / ``scope``, ``tau``, ``gamma``, ``sigma`` (a
     :class:`~medchain.protocol.CollabConfig`, a dict, …); ``overrides`` (same names as
-    :func:`select_update`'s keywords) win. layout: needed for ``scope="layer"``.
+    :func:`select_update`'s keywords) win. layout: needed for ``scope="layer"``; with it θu counts
+    over the trainable parameters only and ``bn_stats`` (``"shared"`` default | ``"local"``, from
+    params or overrides) decides the statistics buffers (module docstring). Without a layout
+    every coordinate is eligible (a bare vector has no parameter/buffer split).
     Random choices (random rule, noise) use ``numpy.random.default_rng([seed, institution, round])``:
     different per round and per institution, identical across runs.
     """
@@ -185,10 +215,16 @@ def make_selector(params: Any, layout: Layout | None = None, seed: int = 0, *,
         "rule": _param(params, "select_rule", _param(params, "rule", "largest")),
         "scope": _param(params, "select_scope", _param(params, "scope", "global")),
         "tau": _param(params, "tau"), "gamma": _param(params, "gamma"),
-        "sigma": _param(params, "sigma"),
+        "sigma": _param(params, "sigma"), "bn_stats": _param(params, "bn_stats", "shared"),
     }
     opts.update(overrides)
     theta_u = opts.pop("theta_u")
+    bn_stats = opts.pop("bn_stats")
+    if bn_stats not in BN_POLICIES:
+        raise ValueError(f"bn_stats must be one of {BN_POLICIES}, got {bn_stats!r}")
+    eligible = trainable_mask(layout) if layout is not None else None
+    shared_buffers = (np.flatnonzero(~eligible) if eligible is not None and bn_stats == "shared"
+                      else np.zeros(0, np.int64))
     _check_theta(theta_u, "theta_u")
     if opts["rule"] not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {opts['rule']!r}")
@@ -200,9 +236,16 @@ def make_selector(params: Any, layout: Layout | None = None, seed: int = 0, *,
         if layout is not None and np.shape(delta) != (layout.size,):
             raise ValueError(f"delta has shape {np.shape(delta)}, the layout needs ({layout.size},)")
         rng = np.random.default_rng([seed, institution, int(round)])
-        return select_update(delta, theta_u, layout=layout, rng=rng, **opts)
+        idx, vals = select_update(delta, theta_u, layout=layout, rng=rng, eligible=eligible, **opts)
+        if shared_buffers.size:
+            idx = np.concatenate([idx, shared_buffers])
+            vals = np.concatenate([vals, np.asarray(delta, np.float32)[shared_buffers]])
+            order = np.argsort(idx, kind="stable")
+            idx, vals = idx[order], vals[order]
+        return idx, vals
 
-    select.options = {"theta_u": theta_u, **opts, "seed": seed, "institution": institution}
+    select.options = {"theta_u": theta_u, **opts, "bn_stats": bn_stats, "seed": seed,
+                      "institution": institution}
     return select
 
 

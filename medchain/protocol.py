@@ -42,7 +42,7 @@ from medchain.blobstore import BlobStore, MemoryBlobStore, fetch_payload, place_
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.harmonize import Augmenter, attach_standardization, validate_augment
 from medchain.models import build_model
-from medchain.privacy import apply_download, download_mask, make_selector
+from medchain.privacy import apply_download, download_mask, make_selector, trainable_mask
 from medchain.params import Layout, digest_vector, load_flat, model_vector, unflatten
 from medchain.records import Attestation, Update
 from medchain.training import TrainConfig, cosine_lr, evaluate, recalibrate_bn, train_epochs
@@ -70,6 +70,11 @@ class CollabConfig:
     The ledger is deployed with it and refuses 0 and anything above; every replica also refuses
     such an update. Sample counts are self-reported: with rule ``mean`` the cap bounds one member's
     weight — set it near the largest honest institution's training set.
+    bn_stats: what happens to BatchNorm running statistics (the model's floating buffers):
+    ``"shared"`` (default) — uploaded with every update and averaged like weights (θu counts over
+    trainable parameters only; the statistics come on top, see :mod:`medchain.privacy`);
+    ``"local"`` — never uploaded: each institution keeps its own as local-only coordinates, and
+    the model it evaluates and deploys is the global weights with its own statistics.
     bn_recalibrate: after local training, recompute BatchNorm statistics exactly over the local
     training data (a few local steps leave the running averages stale; measured: without it the
     global model sits at the majority rate for the first rounds).
@@ -113,12 +118,13 @@ class CollabConfig:
     keep_local: str = "none"
     standardize: bool = False
     augment: dict = field(default_factory=dict)
+    bn_stats: str = "shared"
 
     def __post_init__(self):
         """Every parameter is checked here, so that a bad one is refused before a task is deployed
         (a ledger's parameters cannot be changed afterwards)."""
         from medchain.models import list_models
-        from medchain.privacy import RULES as SELECT_RULES, SCOPES
+        from medchain.privacy import BN_POLICIES, RULES as SELECT_RULES, SCOPES
         from medchain.training import OPTIMIZERS
 
         def need(ok: bool, what: str, value) -> None:
@@ -163,6 +169,7 @@ class CollabConfig:
         if self.max_samples is not None:
             need(1 <= integer("max_samples") < 2 ** 64, "max_samples must be in [1, 2**64) or None",
                  self.max_samples)
+        need(self.bn_stats in BN_POLICIES, f"bn_stats must be one of {BN_POLICIES}", self.bn_stats)
         validate_rule(self.aggregation)
         need(self.keep_local in KEEP_LOCAL, f"keep_local must be one of {KEEP_LOCAL}", self.keep_local)
         for name in ("scaffold", "standardize"):
@@ -176,6 +183,8 @@ class CollabConfig:
                  (self.theta_u, self.theta_d, self.gamma, self.sigma))
             need(self.aggregation == "mean", "scaffold needs aggregation 'mean'", self.aggregation)
             need(self.keep_local == "none", "scaffold cannot be combined with keep_local", self.keep_local)
+            need(self.bn_stats == "shared", "scaffold needs bn_stats 'shared' (its control variates cover "
+                 "every uploaded coordinate)", self.bn_stats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -301,6 +310,9 @@ class Institution:
             select = make_selector(cfg, self.layout, cfg.seed, institution=self.index)
         self.select = select
         self.own_vec = self.global_vec.copy() if cfg.theta_d < 1 else None   # partial download
+        if cfg.bn_stats == "local":   # statistics buffers never leave the institution
+            buffers = ~trainable_mask(self.layout)
+            local_mask = buffers if local_mask is None else (np.asarray(local_mask, bool) | buffers)
         self.local_mask = local_mask
         self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
         self.anchor, self.anchor_strength = anchor, anchor_strength
@@ -598,6 +610,14 @@ def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = 
             "every institution runs the same medchain version, model and task parameters")
 
 
+def _evaluated_vector(inst: Institution) -> np.ndarray:
+    """The model scored each round: the global model, or under ``bn_stats="local"`` (no global
+    BatchNorm statistics exist) the global weights with this institution's own statistics."""
+    if inst.cfg.bn_stats == "local":
+        return np.where(inst.local_mask, inst.local_vec, inst.global_vec).astype(np.float32)
+    return inst.global_vec
+
+
 @dataclass
 class CollabResult:
     """Outcome of run_collaborative. history: one row per round (pooled-test metrics of the global
@@ -665,13 +685,13 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
         digests = [inst.sync_round(r) for inst in insts]
         check_attestations(insts[0].ledger, r, digests[0], len(insts))
         model = insts[0].model
-        load_flat(model, insts[0].global_vec, insts[0].layout)
+        load_flat(model, _evaluated_vector(insts[0]), insts[0].layout)
         history.append({"round": r + 1, "digest": digests[0].hex(), "round_s": time.perf_counter() - t0,
                         **evaluate(model, eval_set)})
         if round_callback is not None:
             round_callback(r, insts)
     final = task_model(cfg, institutions[0].train.n_channels, n_classes)
-    load_flat(final, insts[0].global_vec, insts[0].layout)
+    load_flat(final, _evaluated_vector(insts[0]), insts[0].layout)
     timings = {k: sum(i.timings[k] for i in insts) for k in insts[0].timings}
     if chain is not None:
         identity, block_hash = chain_identity(w3, admin.address), final_block_hash(w3)

@@ -142,7 +142,8 @@ def _desc(d: dict) -> str:
 
 def score_lines(run: dict) -> list[str]:
     """Absolute scores of a multi-seed run (mean [95 % CI] over seeds), where its summary has them:
-    claim 1 per partition and method, claim 2 per θu and rule, claim 3 per fraction and method."""
+    claim 1 per partition and method, claim 2 per defence (earlier runs: per θu and rule), claim 3 per
+    fraction and method."""
     s, rows = run["summary"], []
     metrics = ("acc", "balanced_acc", "auc")
     if s["claim"] == 1 and isinstance(s.get("partitions"), dict):
@@ -150,6 +151,10 @@ def score_lines(run: dict) -> list[str]:
             for method, m in (p.get("methods") or {}).items():
                 if all(k in m for k in metrics):
                     rows.append(f"| {run['run']} | {part} | {method} | " + " | ".join(_desc(m[k]) for k in metrics) + " |")
+    elif s["claim"] == 2 and isinstance(s.get("per_defence"), dict):
+        for name, m in s["per_defence"].items():
+            if isinstance(m, dict) and all(isinstance(m.get(k), dict) and "mean" in m[k] for k in metrics):
+                rows.append(f"| {run['run']} | defence {name} | collaborative | " + " | ".join(_desc(m[k]) for k in metrics) + " |")
     elif s["claim"] == 2 and isinstance(s.get("per_theta"), dict):
         for key, m in s["per_theta"].items():
             if isinstance(m, dict) and all(k in m and isinstance(m[k], dict) and "mean" in m[k] for k in metrics):

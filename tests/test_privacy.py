@@ -225,3 +225,37 @@ def test_partial_updates_through_the_codec_aggregate_exactly():
         ups.append(SparseUpdate(dec.indices, dec.values, w, 6))
     out = aggregate(g, ups)
     assert out.tolist() == [4.0, 0.0, (2 * -2.0 + 6 * 6.0) / 8, -8.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------ BatchNorm policy
+
+def bn_layout() -> Layout:
+    return Layout((LayoutEntry("conv.weight", (4,), "param", "Conv2d"),
+                   LayoutEntry("bn.weight", (2,), "param", "BatchNorm2d"),
+                   LayoutEntry("bn.running_mean", (2,), "buffer", "BatchNorm2d"),
+                   LayoutEntry("bn.running_var", (2,), "buffer", "BatchNorm2d")))
+
+
+def test_eligible_coordinates_only_and_theta_counts_over_them():
+    d = np.array([0.1, -0.2, 0.3, 0.05, 0.01, 0.02, 9.0, 8.0, 7.0, 6.0], dtype=np.float32)
+    eligible = np.r_[np.ones(6, bool), np.zeros(4, bool)]
+    idx, vals = select_update(d, 0.5, eligible=eligible)          # k = 3 of the 6 eligible
+    assert idx.tolist() == [0, 1, 2] and vals.tolist() == pytest.approx([0.1, -0.2, 0.3])
+    with pytest.raises(ValueError, match="eligible"):
+        select_update(d, 0.5, eligible=np.ones(3, bool))
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.5, 1 / 6])
+def test_bn_policy_local_never_uploads_statistics_shared_uploads_all(theta):
+    lay = bn_layout()
+    d = np.array([0.1, -0.2, 0.3, 0.05, 0.01, 0.02, 9.0, 8.0, 7.0, 6.0], dtype=np.float32)
+    buffers = np.arange(6, 10)
+    idx, _ = make_selector({"theta_u": theta, "bn_stats": "local"}, lay)(d, 0)
+    assert not np.isin(buffers, idx).any()                       # the huge statistics are never picked
+    assert idx.size == n_selected(theta, 6)                       # θu of the 6 trainable coordinates
+    idx, vals = make_selector({"theta_u": theta, "bn_stats": "shared", "gamma": 0.1}, lay)(d, 0)
+    assert np.isin(buffers, idx).all() and idx.size == n_selected(theta, 6) + 4
+    assert np.all(np.diff(idx) > 0)
+    assert vals[np.isin(idx, buffers)].tolist() == pytest.approx([9.0, 8.0, 7.0, 6.0])   # unclipped
+    with pytest.raises(ValueError, match="bn_stats"):
+        make_selector({"theta_u": theta, "bn_stats": "public"}, lay)

@@ -1,5 +1,6 @@
-"""medchain.experiments.privacy (notebook 02): determinism of the leakage sweep, the attacked
-payload is byte for byte what the chain records, and the verdict logic of summarize()."""
+"""medchain.experiments.privacy / privacy_summary (notebook 02): the attacked payload is byte for byte
+what the chain records, determinism, the BN-statistics policy on every payload of a run, and the
+verdict logic of summarize_seeds()."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 
 
 from medchain import codec
+from medchain.attacks import InversionCase
 from medchain.data import load_dataset
 from medchain.experiments import privacy as P
+from medchain.experiments import privacy_summary as S
 from medchain.models import build_model
 from medchain.params import Layout
 from medchain.protocol import CollabConfig
@@ -24,100 +27,136 @@ def ct():
     return load_dataset("simulated:n=300,sites=2,seed=0")
 
 
-def test_sweep_order_has_full_update_once():
-    assert P._runs([0.1, 1, 0.01], ["largest", "random"]) == [
-        (1.0, "largest"), (0.1, "largest"), (0.1, "random"), (0.01, "largest"), (0.01, "random")]
-
-
 def test_pick_images_deterministic_and_class_balanced(ct):
     a, b = P.pick_images(ct.train, 6, 0), P.pick_images(ct.train, 6, 0)
     assert np.array_equal(a, b) and len(set(a.tolist())) == 6
     assert sorted(ct.train.labels[a].tolist()) == [0, 0, 1, 1, 2, 2]
 
 
-def test_worst_case_leakage_same_seed_same_numbers(ct):
-    idx = P.pick_images(ct.train, 1, 0)
-    kw = dict(methods=("idlg",), steps={"idlg": 3}, seed=0)
-    a = P.worst_case_leakage(ct.train.images[idx], ct.train.labels[idx], 3, [1, 0.01], **kw)
-    b = P.worst_case_leakage(ct.train.images[idx], ct.train.labels[idx], 3, [1, 0.01], **kw)
-    cols = ["setting", "theta_u", "rule", "attacker", "method", "psnr", "ssim", "mse", "label_acc"]
-    pd.testing.assert_frame_equal(pd.DataFrame(a.rows)[cols], pd.DataFrame(b.rows)[cols])
-    assert a.payloads == b.payloads and len(a.rows) == 4          # 2 θu × 2 attackers
-    # the payload is a strict codec update revealing round(θu·P) coordinates
-    lay = Layout.from_module(build_model("lenet", 1, 3, 0))
-    dec = codec.decode_update(a.payloads[("worst_case", 0.01, "largest", 0)],
-                              expected_layout_id=lay.layout_id, expected_size=lay.size)
-    assert dec.n == round(0.01 * lay.size)
+def test_protocol_case_attacks_exactly_the_bytes_on_chain(ct):
+    """On a real (embedded) chain: the payload attacked is the one the ledger records for the target
+    institution, selected over the trainable parameters; the same seed gives the same bytes."""
+    from medchain.privacy import n_selected, trainable_mask
 
-
-def test_protocol_update_attacks_exactly_the_bytes_on_chain(ct):
     init = build_model("cnn_small", 1, 3, 0)
-    batches = [(ct.train.images[i * 2:(i + 1) * 2], ct.train.labels[i * 2:(i + 1) * 2]) for i in range(2)]
     cfg = CollabConfig(model="cnn_small", theta_u=0.1, optimizer="sgd", lr=0.01, batch_size=2, seed=0)
-    up = P.protocol_update(batches, 3, init, cfg, chain="embedded")
-    rec = up.record
-    assert codec.digest(up.payload) == rec.digest
-    assert bytes(rec.payload) in (up.payload, b"")                 # inline, or in the blob store
+    other = [(ct.train.images[2:4], ct.train.labels[2:4])]
+    case = InversionCase.protocol(ct.train.images[:2], ct.train.labels[:2], model=init, cfg=cfg, num_classes=3,
+                                  others=other, chain="embedded")
     lay = Layout.from_module(init)
-    idx, vals = up.last_upload
-    assert up.payload == codec.encode_update(vals, lay.layout_id, indices=idx, total_size=lay.size)
-    assert rec.n_values == len(vals) == round(0.1 * lay.size) and rec.n_samples == 2
-    assert up.public.n_images == 2 and up.public.local_steps == 1 and up.public.lr == 0.01
-    assert up.collab.ledger_address.startswith("0x")
-    again = P.protocol_update(batches, 3, build_model("cnn_small", 1, 3, 0), cfg, chain="embedded")
-    assert again.payload == up.payload                              # same seed, same bytes
+    assert codec.digest(case.payload).hex() == case.selection["digest"]
+    assert case.selection["ledger_address"].startswith("0x")
+    n_bn = int((~trainable_mask(lay)).sum())                         # default policy: shared
+    assert case.selection["n_shared"] == n_selected(0.1, lay.size - n_bn) + n_bn
+    assert case.public.n_images == 2 and case.public.local_steps == 1 and case.public.lr == 0.01
+    again = InversionCase.protocol(ct.train.images[:2], ct.train.labels[:2], model=build_model("cnn_small", 1, 3, 0),
+                                   cfg=cfg, num_classes=3, others=other, chain=None)
+    assert again.payload == case.payload                            # in-memory ledger: same Institution, same bytes
 
 
-def test_summarize_theta_star_and_unprotected_settings():
-    utility = [{"theta_u": 1.0, "rule": "largest", "acc": 0.80, "auc": 0.9},
-               {"theta_u": 0.1, "rule": "largest", "acc": 0.79, "auc": 0.9},
-               {"theta_u": 0.01, "rule": "largest", "acc": 0.70, "auc": 0.8}]
-    rows = []
-    for t, p in ((1.0, 40.0), (0.1, 9.0), (0.01, 8.0)):
-        for att in ("naive", "mask_aware"):
-            rows.append({"setting": "worst_case", "theta_u": t, "rule": "largest", "attacker": att,
-                         "method": "idlg", "image": 0, "psnr": p, "ssim": 0.5, "mse": 1.0,
-                         "label_acc": 1.0})
-    rows.append({"setting": "protocol", "theta_u": 0.1, "rule": "largest", "attacker": "naive",
-                 "method": "ig", "image": -1, "psnr": 20.0, "ssim": 0.5, "mse": 1.0, "label_acc": 1.0})
-    # θu = 0.001: the payload revealed nothing to invert (NaN) — protected, not a failure
-    rows.append({"setting": "worst_case", "theta_u": 0.001, "rule": "largest", "attacker": "mask_aware",
-                 "method": "idlg", "image": 0, "psnr": float("nan"), "ssim": float("nan"),
-                 "mse": float("nan"), "label_acc": None})
-    utility.append({"theta_u": 0.001, "rule": "largest", "acc": 0.5, "auc": 0.6})
-    s = P.summarize(utility, pd.DataFrame(rows), baseline={"psnr": 18.0, "ssim": 0.7})
-    assert s["theta_star"] == 0.1 and s["acc_cost_at_theta_star"] == pytest.approx(0.01)
-    assert s["holds"] is True and s["acc_0.1_within_tolerance"] is True
-    assert [(n["setting"], n["theta_u"], n["beats_mean_image"]) for n in s["not_protected"]] == [
-        ("protocol", 0.1, True)]
+def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
+    cfg = CollabConfig(rounds=2, model="cnn_small")
+    defs = {k: P.DEFENCES[k] for k in ("none", "partial_largest_bn_local")}
+    kw = dict(seed=0, cfg=cfg, defences=defs, institutions=2, n_attack_images=1, attack_steps=3,
+              worst_case_thetas=(1.0,), worst_case_steps=2, mia_n=40, chain=None)
+    a, b = P.run_seed(ct, **kw), P.run_seed(ct, **kw)
+    cols = ["setting", "defence", "attack", "image", "psnr", "ssim", "rank", "reid_percentile"]
+    pd.testing.assert_frame_equal(a["leak"][cols], b["leak"][cols])
+    pd.testing.assert_frame_equal(a["utility"][["defence", "acc"]], b["utility"][["defence", "acc"]])
+    leak = a["leak"]
+    assert set(leak.defence) == {"none", "partial_largest_bn_local", "lenet_theta_1"}
+    assert set(leak[leak.defence == "none"].attack) == {"ig", "bn_only"}       # BN statistics shared
+    assert set(leak[leak.defence == "partial_largest_bn_local"].attack) == {"ig"}
+    assert not leak[leak.defence == "partial_largest_bn_local"].bn_revealed.any()
+    assert leak.pool_size.eq(len(ct.train)).all() and leak["rank"].between(1, len(ct.train)).all()
+    u = a["utility"].set_index("defence")
+    assert u.loc["partial_largest_bn_local", "bn_values_per_update"] == 0
+    assert u.loc["none", "bn_values_per_update"] > 0
+    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss"}
+    upd = a["mia"][a["mia"].attack == "update_loss"]
+    assert sorted(set(upd["round"])) == [0, 1] and sorted(set(upd.institution)) == [0, 1]
+    assert len(upd) == 2 * 2 * 2 and upd.auc.between(0, 1).all()          # defences × rounds × institutions
+    with pytest.raises(ValueError, match="unknown task parameter"):
+        P.run_seed(ct, **{**kw, "defences": {"x": {"theta": 0.1}}})
 
 
-def _fake_privacy_seed(seed, acc1, acc01, worst_psnr, baseline_psnr=18.0):
+def _fake_seed(seed, acc_ref, acc_dec, pct_ref, pct_dec, n=100):
+    """A seed's tables with given ACCs and re-identification percentiles (two images each)."""
     utility = pd.DataFrame([
-        {"theta_u": 1.0, "rule": "largest", "acc": acc1, "balanced_acc": acc1, "auc": 0.9, "seed": seed},
-        {"theta_u": 0.1, "rule": "largest", "acc": acc01, "balanced_acc": acc01, "auc": 0.9, "seed": seed}])
-    leak = pd.DataFrame([{"setting": "worst_case", "theta_u": t, "rule": "largest", "attacker": "mask_aware",
-                          "method": m, "image": i, "psnr": p, "ssim": 0.5, "mse": 1.0, "label_acc": 1.0,
-                          "seed": seed}
-                         for t, m, i, p in ((1.0, "ig", 0, 50.0), (0.1, "ig", 0, worst_psnr - 3),
-                                            (0.1, "ig", 1, worst_psnr), (0.1, "dlg", 0, 5.0), (0.1, "dlg", 1, 6.0))])
-    return {"seed": seed, "utility": utility, "leak": leak, "mia": None,
-            "baseline": {"psnr": baseline_psnr, "ssim": 0.6}}
+        {"defence": d, "acc": a, "balanced_acc": a, "auc": 0.9, "seed": seed, "theta_u": t, "select_rule": "largest",
+         "gamma": None, "sigma": None, "bn_stats": "shared", "values_per_update": 10.0, "bn_values_per_update": 0.0}
+        for d, a, t in (("none", acc_ref, 1.0), ("partial_largest", acc_dec, 0.1))])
+    rows = []
+    for d, pct in (("none", pct_ref), ("partial_largest", pct_dec)):
+        for i, dp in enumerate((-0.01, 0.01)):
+            p = min(1.0, pct + dp)
+            rank = int(round(1 + (1 - p) * (n - 1)))
+            rows.append({"setting": "protocol", "defence": d, "attack": "ig", "image": i, "psnr": 10.0 + 10 * p,
+                         "ssim": p, "mean_psnr": 17.0, "mean_ssim": 0.8, "rank": rank, "pool_size": n,
+                         "reid_percentile": 1 - (rank - 1) / (n - 1), "seed": seed})
+    mia = pd.DataFrame([{"defence": d, "attack": "loss", "auc": 0.5, "tpr@1%fpr": 0.01, "tpr@0.1%fpr": 0.0,
+                         "seed": seed} for d in ("none", "partial_largest")])
+    return {"seed": seed, "utility": utility, "leak": pd.DataFrame(rows), "mia": mia}
 
 
-def test_summarize_seeds_decides_cost_and_worst_image_leakage_over_seeds():
-    protected = [_fake_privacy_seed(s, 0.80, 0.795 + 0.001 * s, 12.0 + 0.2 * s) for s in range(5)]
-    out = P.summarize_seeds(protected, theta=0.1)
+def test_summarize_seeds_decides_cost_attack_check_and_reidentification():
+    protected = [_fake_seed(s, 0.80, 0.795 + 0.001 * s, 0.95 - 0.01 * s, 0.5 + 0.005 * (s % 2)) for s in range(5)]
+    out = S.summarize_seeds(protected)
     assert out["verdict"]["verdict"] == "holds"
-    assert out["worst_image_psnr"] == pytest.approx([12.0 + 0.2 * s for s in range(5)])   # strongest method, worst image
-    leaky = [_fake_privacy_seed(s, 0.80, 0.795, 25.0 + 0.3 * s) for s in range(5)]
-    v = P.summarize_seeds(leaky, theta=0.1)["verdict"]
-    assert v["verdict"] == "fails"
-    psnr = [d for d in v["decisions"] if d["metric"] == "psnr"][0]
-    assert psnr["verdict"] == "fails" and "dB" in psnr["reason"]
-    costly = [_fake_privacy_seed(s, 0.80, 0.70 + 0.002 * s, 12.0) for s in range(5)]
-    assert P.summarize_seeds(costly, theta=0.1)["verdict"]["verdict"] == "fails"
-    one = P.summarize_seeds(protected[:1], theta=0.1)["verdict"]
-    assert one["verdict"] == "inconclusive"
-    with pytest.raises(ValueError, match="θu = 0.2"):
-        P.summarize_seeds(protected, theta=0.2)
+    t = {r["defence"]: r for r in out["leakage"]}
+    assert t["none"]["n_images"] == 10 and t["none"]["chance_rank1"] == pytest.approx(0.01)
+    assert out["per_defence"]["partial_largest"]["acc_minus_reference"]["mean"] == pytest.approx(-0.003, abs=1e-9)
+    leaky = [_fake_seed(s, 0.80, 0.795, 0.95, 0.9 + 0.01 * s) for s in range(5)]
+    v = S.summarize_seeds(leaky)["verdict"]
+    assert v["verdict"] == "fails" and [d["verdict"] for d in v["decisions"] if d["metric"] == "reid"] == ["fails"]
+    costly = [_fake_seed(s, 0.80, 0.70 + 0.002 * s, 0.95, 0.5) for s in range(5)]
+    assert S.summarize_seeds(costly)["verdict"]["verdict"] == "fails"
+    blind = [_fake_seed(s, 0.80, 0.80, 0.5 + 0.005 * (s % 2), 0.5) for s in range(5)]   # attack fails even unprotected
+    v = S.summarize_seeds(blind)["verdict"]
+    assert v["verdict"] != "holds"
+    reid = [d for d in v["decisions"] if d["metric"] == "reid"][0]
+    assert reid["verdict"] == "inconclusive" and "no protection can be shown" in reid["reason"]
+    assert S.summarize_seeds(protected[:1])["verdict"]["verdict"] == "inconclusive"
+    with pytest.raises(ValueError, match="was not run"):
+        S.summarize_seeds(protected, decide="partial_random")
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.1])
+def test_bn_statistics_policy_decoding_every_payload_on_the_ledger(ct, theta):
+    """bn_stats="local": no payload of any round carries a BatchNorm statistic, and the scored
+    model holds institution 0's own statistics; "shared": every payload carries all of them, and
+    θu counts over the trainable parameters only."""
+    from medchain.data import partition
+    from medchain.privacy import n_selected, trainable_mask
+    from medchain.blobstore import fetch_payload
+    from medchain.params import model_vector
+    from medchain.protocol import run_collaborative
+
+    insts = partition(ct, 2, "iid", seed=0)
+    lay = Layout.from_module(build_model("cnn_small", 1, 3, 0))
+    buffers = ~trainable_mask(lay)
+    assert buffers.sum() > 0
+    for policy in ("local", "shared"):
+        cfg = CollabConfig(model="cnn_small", rounds=2, theta_u=theta, bn_stats=policy, seed=0)
+        res = run_collaborative(insts, 3, cfg, chain=None)
+        ledger = res.institutions[0].ledger
+        n = 0
+        for r in range(cfg.rounds):
+            for rec in ledger.updates(r):
+                payload = fetch_payload(rec.digest, bytes(rec.payload), res.institutions[0].store)
+                dec = codec.decode_update(payload, expected_layout_id=lay.layout_id,
+                                          expected_size=lay.size)
+                on_bn = buffers[dec.indices].sum()
+                n_params = dec.n - on_bn
+                assert n_params == n_selected(theta, int((~buffers).sum()))
+                assert on_bn == (0 if policy == "local" else buffers.sum()), (policy, r)
+                n += 1
+        assert n == 4
+        vec = model_vector(res.model, lay)
+        inst0 = res.institutions[0]
+        if policy == "local":
+            assert np.array_equal(vec[buffers], inst0.local_vec[buffers])
+            assert not np.array_equal(inst0.global_vec[buffers], inst0.local_vec[buffers])
+        else:
+            assert np.array_equal(vec, inst0.global_vec)
+        assert 0 <= res.history[-1]["acc"] <= 1

@@ -27,15 +27,17 @@ Attacker models (``attacker=``)
     ``"naive"``       unshared coordinates count as 0 in the target gradient and are matched as 0.
     ``"mask_aware"``  the distance uses only the revealed coordinates (the chain reveals the
                       indices), i.e. the attacker knows what it does not know.
-    Only model *parameters* are matched; shared changes of BatchNorm running statistics are ignored.
+    Model *parameters* are matched; BatchNorm running statistics revealed by the payload (the
+    task's ``bn_stats="shared"`` policy) enter only through ``bn_prior`` (Yin et al. 2021).
 
 Threat settings (:class:`InversionCase`)
     ``worst_case``  one image, one gradient step ``Δ = −lr·∇``, an untrained sigmoid LeNet
-                    (weights uniform in ±0.5 as in DLG by default).
-    ``protocol``    the institution's real update: ``E`` local epochs over its ``B`` images with the
-                    given (trained) model, as :func:`medchain.training.train_epochs` runs them;
-                    all ``B`` images are reconstructed at once and matched to the originals
-                    (Hungarian on MSE) before scoring.
+                    (weights uniform in ±0.5 as in DLG by default): the literature's upper bound.
+    ``protocol``    the update the protocol really posts: a one-round task run by
+                    :class:`medchain.protocol.Institution` from the trained global model (the
+                    task's model, local epochs, batch size, optimizer, selection, BN policy), read
+                    back from the ledger; all ``B`` images of the target institution are
+                    reconstructed at once and matched to the originals (Hungarian on MSE).
 
 Images live in the models' input scale, ``[-1, 1]`` (:func:`medchain.training.to_tensor`);
 reconstructions are returned as uint8 and scored with :func:`medchain.metrics.reconstruction_metrics`
@@ -59,7 +61,7 @@ from medchain.metrics import reconstruction_metrics
 from medchain.models import build_model
 from medchain.params import Layout, load_flat, model_vector
 from medchain.privacy import select_update
-from medchain.training import TrainConfig, to_tensor, train_epochs
+from medchain.training import to_tensor
 
 __all__ = ["METHODS", "ATTACKERS", "SETTINGS", "PublicInfo", "InversionCase", "Target",
            "Reconstruction", "NothingToInvert", "decode_target", "recover_labels", "invert"]
@@ -88,6 +90,9 @@ class PublicInfo:
     lr, local_steps: the local learning rate and the number of local optimizer steps.
     n_images: the sample count recorded on chain with the update.
     train_mode: whether local training ran the model in train mode (BatchNorm batch statistics).
+    optimizer: the local optimizer. With ``"adam"`` one step from a fresh state moves each
+    coordinate by ``−lr·g/(|g|+ε)`` ≈ ``−lr·sign(g)``: the target ``−Δ/(lr·steps)`` is then the
+    gradient's sign, whose direction the cosine-distance attack (``ig``) still matches.
     """
 
     model: str
@@ -100,6 +105,7 @@ class PublicInfo:
     n_images: int
     train_mode: bool = True
     model_kwargs: dict = field(default_factory=dict)
+    optimizer: str = "sgd"
 
     def build(self) -> tuple[nn.Module, Layout]:
         """The global model before the round (a fresh module) and its layout."""
@@ -179,37 +185,50 @@ class InversionCase:
         return cls._finish(delta, layout, public, x, y, "worst_case", theta_u, rule, seed, select_kw)
 
     @classmethod
-    def protocol(cls, images, labels, *, model: nn.Module, model_name: str, num_classes: int,
-                 theta_u: float = 1.0, rule: str = "largest", epochs: int = 1,
-                 batch_size: int | None = None, lr: float = 0.01, optimizer: str = "sgd",
-                 seed: int = 0, model_kwargs: dict | None = None, **select_kw) -> "InversionCase":
-        """An institution's real round: ``epochs`` local epochs over its images (mini-batches of
-        ``batch_size``, default all B images at once) from the global ``model`` (left untouched),
-        with ``optimizer`` (``"sgd"`` without momentum by default, the FedAvg attack's setting;
-        ``"adam"`` is the protocol's default optimizer) at a constant ``lr``; then partial-update
-        selection. model_name / model_kwargs: how the registry builds this architecture (public).
+    def protocol(cls, images, labels, *, model: nn.Module, cfg, num_classes: int,
+                 others: tuple = (), chain=None) -> "InversionCase":
+        """The update the protocol really posts: a one-round task (``cfg``, a
+        :class:`medchain.protocol.CollabConfig`, with rounds = 1 and a constant lr) in which the
+        target institution holds ``images`` / ``labels`` and each further institution one
+        ``(images, labels)`` of ``others``; every institution starts from ``model`` (the trained
+        global model, left untouched) and runs :class:`medchain.protocol.Institution` unchanged
+        (the task's model, local epochs, batch size, optimizer, BN recalibration, θu / rule /
+        γ / σ, BN-statistics policy). The payload is read back from the ledger (``chain=None``:
+        the in-memory ledger; ``"embedded"`` or a URL: a chain) and the blob store, as any member
+        reads it; the public information comes from the task parameters.
         """
+        from medchain.blobstore import fetch_payload
+        from medchain.data.types import InstitutionData
+        from medchain.protocol import CollabConfig, run_collaborative
+
         x, y = _as_batch(images, labels)
-        in_chans = 1 if x.ndim == 3 else x.shape[-1]
-        kw = dict(model_kwargs or {})
+        c = CollabConfig(**{**cfg.to_dict(), "rounds": 1, "lr_floor": 1.0})
+        sets = [ImageSet(x, y)] + [ImageSet(*_as_batch(bx, by)) for bx, by in others]
+        insts = [InstitutionData(i, d, d, d) for i, d in enumerate(sets)]
         layout = Layout.from_module(model)
-        probe = Layout.from_module(build_model(model_name, in_chans, num_classes, 0, **kw))
-        if probe != layout:
-            raise ValueError(f"model does not have the layout of registry model {model_name!r} "
-                             f"with {kw}; pass the name and kwargs it was built with")
-        local = copy.deepcopy(model)
-        w0 = model_vector(local, layout)
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size or len(y), lr=lr,
-                          optimizer=optimizer, momentum=0.0, schedule="constant", seed=seed)
-        with torch.random.fork_rng(devices=[]):
-            stats = train_epochs(local, ImageSet(x, y), cfg, seed=seed)
-        w1 = model_vector(local, layout)
-        delta = (w1.astype(np.float64) - w0.astype(np.float64)).astype(np.float32)
-        public = PublicInfo(model_name, in_chans, num_classes, tuple(x.shape[1:3]), w0, float(lr),
-                            int(stats["steps"]), int(x.shape[0]), True, kw)
-        return cls._finish(delta, layout, public, x, y, "protocol", theta_u, rule, seed, select_kw,
-                           extra={"epochs": epochs, "batch_size": cfg.batch_size,
-                                  "optimizer": optimizer})
+        if Layout.from_module(build_model(c.model, sets[0].n_channels, num_classes, 0)) != layout:
+            raise ValueError(f"model does not have the layout of the task's model {c.model!r} "
+                             f"({sets[0].n_channels} channels, {num_classes} classes)")
+        res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model,
+                                institution_kwargs=lambda i: {"init_model": copy.deepcopy(model)})
+        inst = res.institutions[0]
+        sender = getattr(inst.ledger.account, "address", inst.ledger.account)
+        mine = [r for r in inst.ledger.updates(0) if r.sender == sender]
+        if len(mine) != 1:
+            raise RuntimeError(f"expected one update of the target institution on the ledger, found {len(mine)}")
+        rec = mine[0]
+        payload = fetch_payload(rec.digest, bytes(rec.payload), inst.store)
+        steps = c.local_epochs * max(1, math.ceil(len(y) / c.batch_size))
+        public = PublicInfo(c.model, sets[0].n_channels, num_classes, tuple(x.shape[1:3]),
+                            model_vector(model, layout), float(c.lr), steps, int(rec.n_samples), True,
+                            {}, c.optimizer)
+        dec = codec.decode_update(payload, expected_layout_id=layout.layout_id, expected_size=layout.size)
+        selection = {"theta_u": c.theta_u, "rule": c.select_rule, "bn_stats": c.bn_stats, "gamma": c.gamma,
+                     "sigma": c.sigma, "n_shared": int(dec.n), "P": layout.size, "seed": c.seed,
+                     "local_epochs": c.local_epochs, "batch_size": c.batch_size, "optimizer": c.optimizer,
+                     "lr": c.lr, "ledger_address": res.ledger_address, "final_block_hash": res.final_block_hash,
+                     "digest": bytes(rec.digest).hex(), "payload_bytes": len(payload)}
+        return cls(payload, public, x, y, "protocol", selection)
 
     @classmethod
     def _finish(cls, delta, layout, public, x, y, setting, theta_u, rule, seed, select_kw,
@@ -227,11 +246,16 @@ class InversionCase:
 @dataclass
 class Target:
     """The attacker's view of one update: per model parameter (layout order) the estimated
-    gradient ``−Δ/(lr·steps)`` (0 where not revealed) and the bool mask of revealed coordinates."""
+    gradient ``−Δ/(lr·steps)`` (0 where not revealed) and the bool mask of revealed coordinates;
+    ``bn_stats``: per BatchNorm module whose running statistics the payload reveals,
+    ``(mean (C,), var (C,), revealed (C,) bool)`` = global statistics + Δ, i.e. the institution's
+    statistics after the round (with BN recalibration: the exact per-channel moments of its images'
+    activations, Yin et al. 2021's prior)."""
 
     names: list[str]
     grads: list[torch.Tensor]
     revealed: list[torch.Tensor]
+    bn_stats: dict = field(default_factory=dict)
 
     @property
     def revealed_fraction(self) -> float:
@@ -265,7 +289,22 @@ def decode_target(payload: bytes, public: PublicInfo,
         names.append(name)
         grads.append(torch.from_numpy(full[s].astype(np.float32)).reshape(p.shape))
         revealed.append(torch.from_numpy(mask[s].copy()).reshape(p.shape))
-    return Target(names, grads, revealed)
+    after = public.global_vec.astype(np.float64).copy()
+    after[dec.indices] += dec.values.astype(np.float64)
+    bn_stats = {}
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            continue
+        mean_s = layout.slices.get(f"{mod_name}.running_mean")
+        var_s = layout.slices.get(f"{mod_name}.running_var")
+        if mean_s is None or var_s is None:
+            continue
+        seen = mask[mean_s] & mask[var_s]
+        if seen.any():
+            bn_stats[mod_name] = (torch.from_numpy(after[mean_s].astype(np.float32)),
+                                  torch.from_numpy(after[var_s].astype(np.float32)),
+                                  torch.from_numpy(seen.copy()))
+    return Target(names, grads, revealed, bn_stats)
 
 
 def recover_labels(target: Target, n_images: int, num_classes: int,
@@ -360,7 +399,8 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
            attacker: str = "mask_aware", *, steps: int | None = None, seed: int = 0,
            tv: float = 1e-4, signed: bool = True, lr: float = 0.1, max_iter: int = 20,
            labels: str = "auto", images: np.ndarray | None = None,
-           true_labels: np.ndarray | None = None) -> Reconstruction:
+           true_labels: np.ndarray | None = None, bn_prior: float = 0.0,
+           init: np.ndarray | None = None, bn_only: bool = False) -> Reconstruction:
     """Reconstruct the images behind an on-chain update.
 
     payload: the encoded update as stored on chain / in the blob store.
@@ -374,6 +414,16 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
       image, optimized for a batch, where the sign heuristic of :func:`recover_labels` fails on
       trained models), ``"analytic"`` (iDLG's recovery, falling back to optimized when it is
       undetermined) or ``"optimized"`` (soft labels optimized jointly with the images, as DLG).
+    bn_prior: weight of Yin et al. 2021's BatchNorm prior — ``Σ_layers ‖μ(x) − μ̂‖₂ + ‖σ²(x) − σ̂²‖₂``
+      between the dummy batch's per-channel moments at each BatchNorm input and the running
+      statistics the payload reveals (:attr:`Target.bn_stats`); 0: off. With a payload that
+      reveals BN statistics but no parameter coordinate the attack matches the statistics alone
+      (what shared BN statistics reveal on their own); otherwise such a payload raises
+      :class:`NothingToInvert`.
+    bn_only: match the revealed BN statistics alone, ignoring every parameter coordinate
+      (needs ``bn_prior > 0``): what shared statistics reveal on their own.
+    init: float (C, H, W) or (B, C, H, W) in [-1, 1], the starting images (default: standard
+      normal noise from ``seed``), e.g. the population's mean image, which every member may know.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -392,10 +442,25 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
     target = decode_target(payload, public, model, layout)
     params = dict(model.named_parameters())
     masks = [m if attacker == "mask_aware" else torch.ones_like(m) for m in target.revealed]
-    use = [i for i, m in enumerate(masks) if bool(m.any())]
-    if not use:
+    use = [] if bn_only else [i for i, m in enumerate(masks) if bool(m.any())]
+    if bn_only and not (bn_prior > 0 and target.bn_stats):
+        raise NothingToInvert("bn_only needs bn_prior > 0 and a payload that reveals BN statistics")
+    if bn_prior < 0 or not math.isfinite(bn_prior):
+        raise ValueError(f"bn_prior must be a finite weight >= 0, got {bn_prior}")
+    bn_targets = target.bn_stats if bn_prior > 0 else {}
+    if not use and not bn_targets:
         raise NothingToInvert("the payload reveals no parameter coordinate to a mask-aware attacker "
-                              "(only buffers such as BatchNorm statistics): nothing to invert")
+                              "(only buffers such as BatchNorm statistics; pass bn_prior > 0 to "
+                              "invert those): nothing to invert")
+    moments: dict = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name in bn_targets:
+            def hook(module, inputs, output, name=name):
+                a = inputs[0]
+                dims = [d for d in range(a.dim()) if d != 1]
+                moments[name] = (a.mean(dims), a.var(dims, unbiased=True))
+            hooks.append(mod.register_forward_hook(hook))
     plist = [params[target.names[i]] for i in use]
     tgt = [target.grads[i] for i in use]
     msk = [masks[i].float() for i in use]
@@ -405,26 +470,47 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
     B, K = public.n_images, public.num_classes
     H, W = public.image_shape
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((B, public.in_chans, H, W), generator=gen).requires_grad_(True)
+    x = torch.randn((B, public.in_chans, H, W), generator=gen)
+    if init is not None:
+        x0 = torch.as_tensor(np.asarray(init, dtype=np.float32))
+        x = (x0.expand(B, -1, -1, -1) if x0.dim() == 3 else x0).clone()
+        if tuple(x.shape) != (B, public.in_chans, H, W):
+            raise ValueError(f"init must be (C, H, W) or (B, C, H, W) = {(B, public.in_chans, H, W)}, "
+                             f"got {tuple(x0.shape)}")
+    x = x.requires_grad_(True)
     y_soft = torch.randn((B, K), generator=gen).requires_grad_(True)
 
     hard = None
     analytic = labels == "analytic" or (labels == "auto" and (method == "idlg"
                                                               or (method == "ig" and B == 1)))
-    if analytic:
+    if analytic and plist:
         hard = recover_labels(target, B, K)
-    label_source = "analytic" if hard is not None else "optimized"
+    label_source = "analytic" if hard is not None else "optimized" if plist else "none"
     y_hard = torch.from_numpy(hard) if hard is not None else None
-    variables = [x] if hard is not None else [x, y_soft]
+    variables = [x] if (hard is not None or not plist) else [x, y_soft]
     cost = "cos" if method == "ig" else "l2"
+
+    def bn_term() -> torch.Tensor:
+        total = torch.zeros(())
+        for name, (mu, var, seen) in bn_targets.items():
+            m, v = moments[name]
+            total = total + torch.linalg.vector_norm((m - mu)[seen]) + torch.linalg.vector_norm((v - var)[seen])
+        return bn_prior * total
 
     def objective() -> torch.Tensor:
         out = model(x)
+        if not plist:   # BN statistics only
+            return bn_term() + (tv * _total_variation(x) if tv > 0 else 0.0)
         if y_hard is not None:
             loss = F.cross_entropy(out, y_hard)
         else:
             loss = torch.sum(-torch.softmax(y_soft, -1) * torch.log_softmax(out, -1), -1).mean()
         dg = torch.autograd.grad(loss, plist, create_graph=True)
+        if bn_targets:
+            return _match(dg) + bn_term()
+        return _match(dg)
+
+    def _match(dg) -> torch.Tensor:
         if cost == "l2":
             d = sum(((g - t) ** 2 * m).sum() for g, t, m in zip(dg, tgt, msk)) / (tgt_norm ** 2)
         else:
@@ -484,6 +570,8 @@ def invert(payload: bytes, case: "InversionCase | PublicInfo", method: str = "ig
             if it % 10 == 0:
                 trace.append(val)
 
+    for h in hooks:
+        h.remove()
     xr = best["x"].clamp(-1, 1)
     rec_labels = hard if hard is not None else best["y"].argmax(-1).numpy().astype(np.int64)
     rec_u8 = _to_uint8(xr)

@@ -34,7 +34,7 @@ from medchain.data.types import ImageSet
 from medchain.training import to_tensor
 
 __all__ = ["MIAResult", "mia_metrics", "per_example_loss", "logit_confidence", "loss_attack",
-           "lira_scores", "lira_attack"]
+           "lira_scores", "lira_attack", "update_loss_attack"]
 
 FPRS = (0.01, 0.001)
 
@@ -183,3 +183,29 @@ def lira_attack(model: nn.Module, candidates: ImageSet, is_member, *,
     auc, tpr = mia_metrics(scores, is_member)
     return MIAResult("lira" if online else "lira-offline", scores, is_member, auc, tpr,
                      {"n_shadow": n_shadow, "online": online})
+
+
+def update_loss_attack(model: nn.Module, before: np.ndarray, after: np.ndarray, members: ImageSet,
+                       nonmembers: ImageSet) -> MIAResult:
+    """Membership inference on one posted update (a loss-difference attack): score = loss under
+    the global model the round started from (``before``, float32 (P,)) − loss under the model the
+    update reveals (``after`` = before + the decoded Δ on its revealed coordinates). The images an
+    institution trained on that round lose more loss than others. ``model``: a module of the task's
+    architecture (its weights are not used; a copy is loaded). extra: mean loss drops."""
+    import copy
+
+    from medchain.params import Layout, load_flat
+
+    m = copy.deepcopy(model)
+    layout = Layout.from_module(m)
+    load_flat(m, np.asarray(before, np.float32), layout)
+    lb_m, lb_n = per_example_loss(m, members), per_example_loss(m, nonmembers)
+    load_flat(m, np.asarray(after, np.float32), layout)
+    la_m, la_n = per_example_loss(m, members), per_example_loss(m, nonmembers)
+    scores = np.concatenate([lb_m - la_m, lb_n - la_n])
+    scores = np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+    is_member = np.concatenate([np.ones(len(members), bool), np.zeros(len(nonmembers), bool)])
+    auc, tpr = mia_metrics(scores, is_member)
+    return MIAResult("update_loss", scores, is_member, auc, tpr,
+                     {"loss_drop_members": float(np.mean(lb_m - la_m)),
+                      "loss_drop_nonmembers": float(np.mean(lb_n - la_n))})
