@@ -9,6 +9,7 @@ import torch
 from medchain import codec
 from medchain.attacks import (InversionCase, decode_target, invert, lira_attack, lira_scores,
                               loss_attack, mia_metrics, recover_labels)
+from medchain.experiments.posted_update import protocol_case
 from medchain.data import load_dataset
 from medchain.data.types import ImageSet
 from medchain.metrics import (image_mse, match_reconstructions, psnr, reconstruction_metrics,
@@ -208,7 +209,7 @@ def test_protocol_case_is_the_institutions_update_on_the_ledger(ct):
     before = [t.clone() for t in model.state_dict().values()]
     cfg = CollabConfig(model="cnn_small", local_epochs=2, batch_size=2, lr=0.05, optimizer="sgd",
                        theta_u=0.1, bn_stats="local")
-    case = InversionCase.protocol(x, y, model=model, cfg=cfg, num_classes=3,
+    case = protocol_case(x, y, model=model, cfg=cfg, num_classes=3,
                                   others=[(ct.train.images[4:8], ct.train.labels[4:8])])
     lay = Layout.from_module(model)
     assert case.public.local_steps == 4 and case.public.n_images == 4 and case.public.optimizer == "sgd"
@@ -220,7 +221,7 @@ def test_protocol_case_is_the_institutions_update_on_the_ledger(ct):
     assert rec.images.shape == (4, 28, 28) and rec.labels.shape == (4,)
     assert sorted(rec.metrics["perm"]) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="layout"):
-        InversionCase.protocol(x, y, model=build_model("cnn", 1, 3, 0), cfg=cfg, num_classes=3)
+        protocol_case(x, y, model=build_model("cnn", 1, 3, 0), cfg=cfg, num_classes=3)
 
 
 def _cnn_case(ct, bn_stats: str, theta_u: float = 1.0):
@@ -232,7 +233,7 @@ def _cnn_case(ct, bn_stats: str, theta_u: float = 1.0):
     train_epochs(model, ct.train.subset(np.arange(200)), TrainConfig(epochs=2, batch_size=32, lr=2e-3), seed=0)
     i = 300
     cfg = CollabConfig(model="cnn", bn_stats=bn_stats, theta_u=theta_u, seed=0)
-    return InversionCase.protocol(ct.train.images[i:i + 1], ct.train.labels[i:i + 1], model=model,
+    return protocol_case(ct.train.images[i:i + 1], ct.train.labels[i:i + 1], model=model,
                                   cfg=cfg, num_classes=3, others=[(ct.train.images[301:303], ct.train.labels[301:303])]), i
 
 

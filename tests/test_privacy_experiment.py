@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 
 from medchain import codec
-from medchain.attacks import InversionCase
+from medchain.experiments.posted_update import protocol_case
 from medchain.data import load_dataset
 from medchain.experiments import privacy as P
 from medchain.experiments import privacy_summary as S
@@ -41,7 +40,7 @@ def test_protocol_case_attacks_exactly_the_bytes_on_chain(ct):
     init = build_model("cnn_small", 1, 3, 0)
     cfg = CollabConfig(model="cnn_small", theta_u=0.1, optimizer="sgd", lr=0.01, batch_size=2, seed=0)
     other = [(ct.train.images[2:4], ct.train.labels[2:4])]
-    case = InversionCase.protocol(ct.train.images[:2], ct.train.labels[:2], model=init, cfg=cfg, num_classes=3,
+    case = protocol_case(ct.train.images[:2], ct.train.labels[:2], model=init, cfg=cfg, num_classes=3,
                                   others=other, chain="embedded")
     lay = Layout.from_module(init)
     assert codec.digest(case.payload).hex() == case.selection["digest"]
@@ -49,7 +48,7 @@ def test_protocol_case_attacks_exactly_the_bytes_on_chain(ct):
     n_bn = int((~trainable_mask(lay)).sum())                         # default policy: shared
     assert case.selection["n_shared"] == n_selected(0.1, lay.size - n_bn) + n_bn
     assert case.public.n_images == 2 and case.public.local_steps == 1 and case.public.lr == 0.01
-    again = InversionCase.protocol(ct.train.images[:2], ct.train.labels[:2], model=build_model("cnn_small", 1, 3, 0),
+    again = protocol_case(ct.train.images[:2], ct.train.labels[:2], model=build_model("cnn_small", 1, 3, 0),
                                    cfg=cfg, num_classes=3, others=other, chain=None)
     assert again.payload == case.payload                            # in-memory ledger: same Institution, same bytes
 

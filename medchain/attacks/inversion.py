@@ -33,7 +33,9 @@ Attacker models (``attacker=``)
 Threat settings (:class:`InversionCase`)
     ``worst_case``  one image, one gradient step ``Δ = −lr·∇``, an untrained sigmoid LeNet
                     (weights uniform in ±0.5 as in DLG by default): the literature's upper bound.
-    ``protocol``    the update the protocol really posts: a one-round task run by
+    ``protocol``    the update the protocol really posts
+                    (:func:`medchain.experiments.posted_update.protocol_case`, above the
+                    protocol layer): a one-round task run by
                     :class:`medchain.protocol.Institution` from the trained global model (the
                     task's model, local epochs, batch size, optimizer, selection, BN policy), read
                     back from the ledger; all ``B`` images of the target institution are
@@ -45,7 +47,6 @@ reconstructions are returned as uint8 and scored with :func:`medchain.metrics.re
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from medchain import codec
-from medchain.data.types import ImageSet
 from medchain.metrics import reconstruction_metrics
 from medchain.models import build_model
 from medchain.params import Layout, load_flat, model_vector
@@ -118,7 +118,7 @@ class PublicInfo:
 _CHANNELS = (1, 3, 4)   # grey, RGB, RGBA: the last axis of a stored (H, W, C) image
 
 
-def _as_batch(images, labels) -> tuple[np.ndarray, np.ndarray]:
+def as_batch(images, labels) -> tuple[np.ndarray, np.ndarray]:
     """Images as a batch (B, H, W[, C]) and labels as (B,). One image may come as (H, W) or
     (H, W, C): a 3-D array is read as one colour image when the labels name one image (a scalar
     or length 1) and its last axis is a channel count (1, 3, 4), else as a batch of grey images."""
@@ -161,7 +161,7 @@ class InversionCase:
         from ``seed``. theta_u, rule, select_kw (scope, tau, gamma, sigma): the partial-update
         selection (:func:`medchain.privacy.select_update`, rng = ``seed``).
         """
-        x, y = _as_batch(images, labels)
+        x, y = as_batch(images, labels)
         in_chans = 1 if x.ndim == 3 else x.shape[-1]
         net = build_model(model, in_chans, num_classes, seed)
         if init == "dlg":
@@ -183,52 +183,6 @@ class InversionCase:
         public = PublicInfo(model, in_chans, num_classes, tuple(x.shape[1:3]), w0, float(lr), 1,
                             int(x.shape[0]), True)
         return cls._finish(delta, layout, public, x, y, "worst_case", theta_u, rule, seed, select_kw)
-
-    @classmethod
-    def protocol(cls, images, labels, *, model: nn.Module, cfg, num_classes: int,
-                 others: tuple = (), chain=None) -> "InversionCase":
-        """The update the protocol really posts: a one-round task (``cfg``, a
-        :class:`medchain.protocol.CollabConfig`, with rounds = 1 and a constant lr) in which the
-        target institution holds ``images`` / ``labels`` and each further institution one
-        ``(images, labels)`` of ``others``; every institution starts from ``model`` (the trained
-        global model, left untouched) and runs :class:`medchain.protocol.Institution` unchanged
-        (the task's model, local epochs, batch size, optimizer, BN recalibration, θu / rule /
-        γ / σ, BN-statistics policy). The payload is read back from the ledger (``chain=None``:
-        the in-memory ledger; ``"embedded"`` or a URL: a chain) and the blob store, as any member
-        reads it; the public information comes from the task parameters.
-        """
-        from medchain.blobstore import fetch_payload
-        from medchain.data.types import InstitutionData
-        from medchain.protocol import CollabConfig, run_collaborative
-
-        x, y = _as_batch(images, labels)
-        c = CollabConfig(**{**cfg.to_dict(), "rounds": 1, "lr_floor": 1.0})
-        sets = [ImageSet(x, y)] + [ImageSet(*_as_batch(bx, by)) for bx, by in others]
-        insts = [InstitutionData(i, d, d, d) for i, d in enumerate(sets)]
-        layout = Layout.from_module(model)
-        if Layout.from_module(build_model(c.model, sets[0].n_channels, num_classes, 0)) != layout:
-            raise ValueError(f"model does not have the layout of the task's model {c.model!r} "
-                             f"({sets[0].n_channels} channels, {num_classes} classes)")
-        res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model,
-                                institution_kwargs=lambda i: {"init_model": copy.deepcopy(model)})
-        inst = res.institutions[0]
-        sender = getattr(inst.ledger.account, "address", inst.ledger.account)
-        mine = [r for r in inst.ledger.updates(0) if r.sender == sender]
-        if len(mine) != 1:
-            raise RuntimeError(f"expected one update of the target institution on the ledger, found {len(mine)}")
-        rec = mine[0]
-        payload = fetch_payload(rec.digest, bytes(rec.payload), inst.store)
-        steps = c.local_epochs * max(1, math.ceil(len(y) / c.batch_size))
-        public = PublicInfo(c.model, sets[0].n_channels, num_classes, tuple(x.shape[1:3]),
-                            model_vector(model, layout), float(c.lr), steps, int(rec.n_samples), True,
-                            {}, c.optimizer)
-        dec = codec.decode_update(payload, expected_layout_id=layout.layout_id, expected_size=layout.size)
-        selection = {"theta_u": c.theta_u, "rule": c.select_rule, "bn_stats": c.bn_stats, "gamma": c.gamma,
-                     "sigma": c.sigma, "n_shared": int(dec.n), "P": layout.size, "seed": c.seed,
-                     "local_epochs": c.local_epochs, "batch_size": c.batch_size, "optimizer": c.optimizer,
-                     "lr": c.lr, "ledger_address": res.ledger_address, "final_block_hash": res.final_block_hash,
-                     "digest": bytes(rec.digest).hex(), "payload_bytes": len(payload)}
-        return cls(payload, public, x, y, "protocol", selection)
 
     @classmethod
     def _finish(cls, delta, layout, public, x, y, setting, theta_u, rule, seed, select_kw,

@@ -12,7 +12,7 @@ defence run on the same partition and seeds:
   policy); final pooled-test ACC / balanced ACC / AUC and what each update carries.
 * :func:`protocol_leakage` — per defence and attacked image: the target institution holds that
   image (the smallest batch, the attack's best case) and runs one round of the task from the
-  defence's trained global model (:meth:`medchain.attacks.InversionCase.protocol`); the payload is
+  defence's trained global model (:func:`medchain.experiments.posted_update.protocol_case`); the payload is
   attacked mask-aware with Inverting Gradients (+ Yin et al.'s BN prior and the BN statistics alone
   when the payload reveals them). Per image: PSNR, SSIM, the mean image's PSNR / SSIM on the same
   image, and the re-identification rank of the true image among every training image
@@ -35,6 +35,7 @@ import torch
 from medchain.attacks import (InversionCase, NothingToInvert, decode_target, invert, logit_confidence,
                               loss_attack, mia_metrics)
 from medchain.attacks.membership import lira_scores, update_loss_attack
+from medchain.experiments.posted_update import protocol_case
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.metrics import psnr as psnr_fn
 from medchain.metrics import reidentification_rank
@@ -173,7 +174,7 @@ def protocol_leakage(train: ImageSet, n_classes: int, models: dict, cfg: CollabC
         c = _config(cfg, over)
         for j in image_idx:
             x, y = train.images[j:j + 1], train.labels[j:j + 1]
-            case = InversionCase.protocol(x, y, model=models[name], cfg=c, num_classes=n_classes, chain=chain)
+            case = protocol_case(x, y, model=models[name], cfg=c, num_classes=n_classes, chain=chain)
             has_bn = bool(decode_target(case.payload, case.public).bn_stats)
             attacks = {"ig": (dict(bn_prior=bn_prior, init=init, tv=1e-2) if has_bn else dict(tv=1e-1), steps)}
             if has_bn:
