@@ -172,6 +172,25 @@ def score_lines(run: dict) -> list[str]:
     return rows
 
 
+def sweep_lines(run: dict) -> list[str]:
+    """Claim 4 runs with a heterogeneity sweep: for which settings the best personalization beats
+    the matching reference and local-only (balanced ACC), and how large the test sets were."""
+    s = run["summary"]
+    where = (s.get("sweep") or {}).get("where", {}).get("balanced_acc")
+    if s["claim"] != 4 or not where:
+        return []
+    def names(key: str) -> str:
+        return ", ".join(where.get(key) or []) or "none"
+    sizes = [st["test_sizes"] for st in (s.get("settings") or {}).values() if st.get("test_sizes", {}).get("min")]
+    target = s.get("parameters", {}).get("test_per_institution")
+    test = (f" Test images per institution: {min(z['min'] for z in sizes)}–{max(z['max'] for z in sizes)} "
+            f"(target {target}; {sum(z['below_target'] for z in sizes)} of {sum(z['institutions'] for z in sizes)} "
+            f"institution-seeds below it, {sum(z['one_class'] for z in sizes)} with one class)." if sizes else "")
+    return [f"- {run['run']}: beats the matching reference at {names('beats_reference')}; beats local-only at "
+            f"{names('beats_local_only')}; both at **{names('beats_both')}**; worst institution non-inferior "
+            f"at {names('worst_institution_non_inferior')}.{test}"]
+
+
 def render(root: str | Path) -> str:
     """RESULTS.md's text from every claim summary under `root` (usually results/)."""
     runs = load_runs(root)
@@ -195,6 +214,11 @@ def render(root: str | Path) -> str:
                 out.append("Scores on the test data, mean [95 % CI] over seeds:\n")
                 out.append("| run | setting | method | ACC | balanced ACC | AUC |\n|---|---|---|---|---|---|")
                 out.extend(scores)
+                out.append("")
+            sweeps = [line for r in multi for line in sweep_lines(r)]
+            if sweeps:
+                out.append("Where personalization pays, by heterogeneity (balanced ACC; holds = 95 % interval over seeds):\n")
+                out.extend(sweeps)
                 out.append("")
         else:
             out.append("No multi-seed run committed yet: nothing below decides this claim.\n")

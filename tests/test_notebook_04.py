@@ -57,3 +57,14 @@ def test_notebook_04_quick(tmp_path):
     assert {"acc", "balanced_acc", "auc"} <= set(metrics.metric)
     for ext in ("png", "pdf"):
         assert (out / f"personalization_gains.{ext}").stat().st_size > 0
+        assert (out / f"personalization_sweep.{ext}").stat().st_size > 0
+    # each institution's own test set from the pooled data, sizes recorded; the sweep says where it pays
+    target = s["parameters"]["test_per_institution"]
+    for name, p in seed0["settings"].items():
+        assert p["n_test"] == [sum(c) for c in p["test_label_counts"]]
+        assert all(n <= target for n in p["n_test"])
+        assert p["test_below_target"] == [i for i, n in enumerate(p["n_test"]) if n < target]
+        assert s["settings"][name]["test_sizes"]["min"] == min(p["n_test"])
+    assert set(s["sweep"]["where"]) == {"balanced_acc", "acc"}
+    assert s["sweep"]["where"]["balanced_acc"]["beats_both"] == []      # one seed decides nothing
+    assert len(s["sweep"]["table"]) == len(settings) * 2 * 3

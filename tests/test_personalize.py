@@ -364,7 +364,7 @@ def test_setting_is_deterministic_by_seed_and_summarized():
     cfg = CollabConfig(rounds=2, local_epochs=1, batch_size=32, lr=3e-3, model="cnn_small", seed=0)
     kw = dict(institutions=3, ft_all=FinetuneConfig(epochs=1, lr=1e-3, from_prior=True, batch_size=32),
               ft_head=FinetuneConfig(epochs=1, lr=5e-3, head_only=True, from_prior=True, batch_size=32),
-              local_epochs=1, personal_rounds=1)
+              local_epochs=1, personal_rounds=1, test_per_institution=60)
     a = personalize_setting(ds, "dirichlet:0.5", cfg, chain="embedded", **kw)
     b = personalize_setting(ds, "dirichlet:0.5", cfg, chain="embedded", **kw)
     cols = ["method", "institution", "split", "acc", "balanced_acc", "auc", "loss"]
@@ -395,6 +395,12 @@ def test_setting_is_deterministic_by_seed_and_summarized():
     assert set(t[t.method == "finetune_all"].selected_on) == {"acc", "balanced_acc"}
     assert set(t[t.method == "local_only"].selected_on) == {"acc", "balanced_acc"}
     assert set(t[t.method == "fedper"].selected_on) == {"none"}
+    # each institution's own test set from the pooled data: 60 images where its share allows
+    assert sa["n_test"] == [len(i.test) for i in a.institutions] and sum(sa["n_train"]) + sum(sa["n_val"]) + \
+        sum(sa["n_test"]) == 520
+    assert all(n == min(60, (tr + va + n) // 2) for n, tr, va in zip(sa["n_test"], sa["n_train"], sa["n_val"]))
+    assert sa["test_below_target"] == [i for i, n in enumerate(sa["n_test"]) if n < 60]
+    assert [sum(c) for c in sa["test_label_counts"]] == sa["n_test"]
     # a one-class test split: reported, balanced ACC not computed there
     one = [i for i, c in enumerate(a.info["test_label_counts"]) if sum(x > 0 for x in c) < 2]
     assert sa["test_one_class"] == one

@@ -14,7 +14,10 @@ trains, with the same model, optimizer, batch size and seed:
 * ``local_only`` — each institution alone (epoch selected per metric); ``majority`` — the
   training majority class;
 
-and scores every institution's model on that institution's own validation and test splits.
+and scores every institution's model on that institution's own validation and test splits (with
+``test_per_institution``: built from the pooled data, :mod:`medchain.data.pooled`, so each test set
+is large enough to decide and follows its institution's label mix). The same decisions across a
+sweep of heterogeneity: :mod:`medchain.experiments.personalization_sweep`.
 
 Rows carry ``selected_on``: ``"acc"`` / ``"balanced_acc"`` for a model selected on that validation
 metric, ``"none"`` for one that involves no selection. :func:`per_institution` reads each metric
@@ -34,6 +37,7 @@ from torch import nn
 
 from medchain import stats
 from medchain.data import Dataset, partition
+from medchain.data.pooled import partition_pooled, split_report
 from medchain.data.partition import SCHEMES as PARTITION_SCHEMES
 from medchain.data.types import InstitutionData
 from medchain.params import Layout, digest_vector, model_vector
@@ -155,11 +159,17 @@ def personalize_setting(dataset: Dataset, setting: str, cfg: CollabConfig, *, in
                         local_epochs: int | None = None, methods=METHODS, chain: str | None = "embedded",
                         prior_smoothing: float = 1.0, local_mask_from: str = "global",
                         personal_rounds: int | None = None, personal_lr: float | None = None,
-                        quiet: bool = True) -> SettingRun:
+                        test_per_institution: int | None = None, quiet: bool = True) -> SettingRun:
     """Partition `dataset` by `setting` (see :func:`parse_setting`), train the global model, the
     personalization `methods` and the references, score each institution's model on its own
     val and test splits.
 
+    test_per_institution: None — every institution's train / val / test is its share of the
+      data set's official splits (:func:`medchain.data.partition`); an int — the official splits
+      are pooled, partitioned by `setting`, and every institution's share split (stratified) into
+      its own test set of that many images where its share allows, val and train
+      (:func:`medchain.data.pooled.partition_pooled`; sizes in ``info``, see
+      :func:`medchain.data.pooled.split_report`).
     ft_all / ft_head: fine-tuning configs; their ``select`` is overridden — each method is
     fine-tuned once per metric in :data:`medchain.personalize.SELECT_METRICS` (twice the cost),
     from that metric's correction when ``from_prior``.
@@ -175,7 +185,12 @@ def personalize_setting(dataset: Dataset, setting: str, cfg: CollabConfig, *, in
         raise ValueError(f"local_mask_from must be 'global' or 'scratch', got {local_mask_from!r}")
     spec = parse_setting(setting)
     scheme = spec.pop("scheme")
-    insts = partition(dataset, None if scheme == "sites" else institutions, scheme, seed=cfg.seed, **spec)
+    n_inst = None if scheme == "sites" else institutions
+    if test_per_institution is None:
+        insts = partition(dataset, n_inst, scheme, seed=cfg.seed, **spec)
+    else:
+        insts = partition_pooled(dataset, n_inst, scheme, test_per_institution=test_per_institution,
+                                 seed=cfg.seed, **spec)
     k = dataset.n_classes
     ft_all = ft_all or FinetuneConfig(epochs=3, lr=1e-3, from_prior=True, seed=cfg.seed, batch_size=cfg.batch_size)
     ft_head = ft_head or FinetuneConfig(epochs=5, lr=5e-3, head_only=True, from_prior=True, seed=cfg.seed,
@@ -184,12 +199,11 @@ def personalize_setting(dataset: Dataset, setting: str, cfg: CollabConfig, *, in
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     rows, runs, audits, wall, cpu = [], {}, {}, {}, {}
-    info: dict = {"n_train": [len(i.train) for i in insts]}
+    info: dict = split_report(insts, dataset.n_classes, test_per_institution)
     if isinstance(chain, str) and chain.strip().lower() == "embedded":
         from medchain.chain import connect     # one in-process chain per setting, one ledger per run
         chain = connect(None)
     info["train_label_counts"] = [np.bincount(i.train.labels, minlength=k).tolist() for i in insts]
-    info["test_label_counts"] = [np.bincount(i.test.labels, minlength=k).tolist() for i in insts]
     info.update(_absent_classes(insts, k, setting))
 
     # references that need no training
@@ -469,7 +483,8 @@ def setting_summary(run: SettingRun, *, margin: float = 0.02, tolerance: float =
         "final_global_digest": {n: r.final_digest.hex() for n, r in run.runs.items()},
         "personal_digests": {m: run.info[f"{m}_digests"] for m in personal},
         "train_label_counts": run.info["train_label_counts"],
-        "test_label_counts": run.info["test_label_counts"],
+        **{key: run.info[key] for key in ("n_train", "n_val", "n_test", "test_per_institution",
+                                          "test_below_target", "test_label_counts")},
         "test_classes_absent": run.info.get("test_classes_absent"),
         "global_pooled_test": run.info.get("global_pooled_test"),
         "global_degenerate": (run.info.get("global_pooled_test") or {}).get("degenerate"),
@@ -514,15 +529,22 @@ def summarize_seeds(seed_runs: list[dict], *, margin: float = 0.0, tolerance: fl
             per_seed = d.groupby("seed").agg(over_ref=("minus_reference", "mean"),
                                              over_loc=("minus_local_only", "mean"),
                                              worst=("minus_reference", "min"), method=("method", "first"))
-            ref = str(d.reference.iloc[0])
+            ref = LABELS[MATCHING_REFERENCE[metric]]
             chosen[metric] = per_seed.method.tolist()
+            if per_seed.empty:   # every institution's test split holds one class in every seed
+                decisions += [_undefined(*spec) for spec in (
+                    ("superiority", metric, "best personalization", ref, margin),
+                    ("superiority", metric, "best personalization", "local only", margin),
+                    ("non_inferiority", f"{metric}_worst_institution", "worst institution, best personalization",
+                     ref, -tolerance))]
+                continue
             decisions += [
                 stats.superiority(per_seed.over_ref.to_numpy(), margin, metric=metric,
-                                  a="best personalization", b=LABELS[ref]),
+                                  a="best personalization", b=ref),
                 stats.superiority(per_seed.over_loc.to_numpy(), margin, metric=metric,
                                   a="best personalization", b="local only"),
                 stats.non_inferiority(per_seed.worst.to_numpy(), tolerance, metric=f"{metric}_worst_institution",
-                                      a="worst institution, best personalization", b=LABELS[ref])]
+                                      a="worst institution, best personalization", b=ref)]
         v = stats.claim_verdict(
             f"claim 4 ({setting}): the best personalization (chosen on validation) beats the matching "
             "no-training reference and local-only in mean per-institution balanced ACC",
@@ -533,10 +555,25 @@ def summarize_seeds(seed_runs: list[dict], *, margin: float = 0.0, tolerance: fl
         if any(degenerate):
             v["detail"] += (f"; WARNING: the global model was degenerate in {sum(degenerate)} of "
                             f"{len(degenerate)} seeds")
+        per = [r["summaries"][setting] for r in seed_runs]
+        n_test = [n for p in per for n in p.get("n_test", [])]
         out[setting] = {"verdict": v, "best_method_per_seed": chosen, "global_degenerate": degenerate,
+                        "test_sizes": {"min": min(n_test, default=None), "max": max(n_test, default=None),
+                                       "per_seed": [p.get("n_test") for p in per],
+                                       "below_target": sum(len(p.get("test_below_target") or []) for p in per),
+                                       "institutions": len(n_test),
+                                       "one_class": sum(len(p.get("test_one_class") or []) for p in per)},
                         "local_coordinates_never_shared": all(r["summaries"][setting]["local_coordinates_never_shared"]
                                                               for r in seed_runs)}
     return out
+
+
+def _undefined(kind: str, metric: str, a: str, b: str, threshold: float) -> stats.Decision:
+    """The decision where no seed has a value: inconclusive, with no numbers."""
+    nan = float("nan")
+    return stats.Decision(kind, metric, a, b, [], threshold, "inconclusive",
+                          "undefined: every institution's test split holds one class in every seed "
+                          "(balanced ACC is not computed over one class)", nan, nan, nan, nan, nan)
 
 
 def verdict_detail(s: dict) -> str:
