@@ -109,6 +109,11 @@ def _seeds(s: dict) -> list:
     return s.get("seeds") or ([s["seed"]] if "seed" in s else [])
 
 
+def _archived(run: dict) -> bool:
+    """Whether a run lies under results/archive/ (kept for the record, replaced by a newer run)."""
+    return str(run["run"]).startswith("archive/")
+
+
 def verdict_lines(run: dict) -> list[str]:
     """Markdown table rows of one run: one per verdict, with the deciding and reported decisions."""
     s = run["summary"]
@@ -198,7 +203,8 @@ def render(root: str | Path) -> str:
     for claim, text in CLAIMS.items():
         mine = [r for r in runs if r["claim"] == claim]
         out.append(f"\n## Claim {claim}: {text}\n")
-        multi = [r for r in mine if len(_seeds(r["summary"])) >= 2]
+        multi = [r for r in mine if len(_seeds(r["summary"])) >= 2 and not _archived(r)]
+        superseded = [r for r in mine if len(_seeds(r["summary"])) >= 2 and _archived(r)]
         single = [r for r in mine if len(_seeds(r["summary"])) < 2]
         if not mine:
             out.append("No committed run yet.\n")
@@ -222,6 +228,12 @@ def render(root: str | Path) -> str:
                 out.append("")
         else:
             out.append("No multi-seed run committed yet: nothing below decides this claim.\n")
+        if superseded:
+            out.append("Superseded multi-seed runs (under results/archive/, replaced by the runs above; "
+                       "results/README.md says why — they decide nothing):\n")
+            out.append(head)
+            out.extend(line for r in superseded for line in verdict_lines(r))
+            out.append("")
         if single:
             out.append("Single-seed runs (they decide nothing; kept because their artifacts exist):\n")
             out.append(head)

@@ -29,6 +29,12 @@ def test_report_tables_come_from_the_summaries(tmp_path):
     assert f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] points → holds" in text
     assert "inconclusive (1 seed; the run itself said holds)" in text and "*dirty*" in text
     assert "Claim 3" in text and "No committed run yet." in text
+    assert "Superseded" not in text
+    _summary(tmp_path, "archive/v1/sim/01", 1, [0, 1, 2, 3, 4], [v])   # a replaced multi-seed run
+    text = report.render(tmp_path)
+    current, superseded = text.split("## Claim 1")[1].split("## Claim 2")[0].split("Superseded multi-seed runs")
+    assert "full/sim/01" in current and "archive/v1/sim/01" not in current
+    assert "archive/v1/sim/01" in superseded
     out = report.write(tmp_path, tmp_path / "R.md")
     assert report.check(tmp_path, out) == []
     out.write_text(out.read_text().replace("holds", "fails", 1))
