@@ -203,7 +203,9 @@ def test_cost_models_count_passes_from_the_parameters():
            "methods": ["none", "l2sp"], "seeds": [0], "rounds": 2, "min_local_steps": 8, "batch_size": 32}
     w = rp._work_03(p03)
     assert w.train_images == 700 * 3 + 2 * (2 * 8 * 7 * 2) and w.chain_rounds == 3 + 2 * 2
-    assert rp._privacy_runs({"thetas": [1, 0.5, 0.1], "rules": ["largest", "random"]}) == 5
+    from medchain.experiments.privacy import DEFENCES
+    assert rp._privacy_runs({"defences": ["none", "bn_local"]}) == 2
+    assert rp._privacy_runs({"defences": None}) == len(DEFENCES)
 
 
 def test_estimate_of_the_real_notebooks_and_its_text():
