@@ -269,23 +269,25 @@ def _work_01(p: dict) -> Work | None:
 
 
 def _privacy_runs(p: dict) -> int:
-    """Collaborative runs of the θu sweep: θu = 1 once, every other θu once per rule."""
-    thetas = {float(t) for t in p["thetas"]}
-    return (1.0 in thetas) + len(thetas - {1.0}) * len(p["rules"])
+    """Collaborative runs of claim 2: one per defence (None: every one of DEFENCES)."""
+    if p.get("defences") is None:
+        from medchain.experiments.privacy import DEFENCES
+        return len(DEFENCES)
+    return len(p["defences"])
 
 
 def _work_02(p: dict) -> Work | None:
-    """Per seed: the θu × rule sweep of collaborative runs (rounds × local_epochs passes each),
-    LiRA's shadow models (5 epochs over mia_n images each); attacks: every run × attacked image ×
-    method × 2 attackers (worst case), and every run × protocol method × 2 attackers."""
+    """Per seed: one collaborative run per defence (rounds × local_epochs passes each), LiRA's
+    shadow models (5 epochs over mia_n images each); attacks: every defence × attacked image, up to
+    two inversions of attack_steps (the second when BN statistics are shared), and the LeNet bound
+    (worst_case_steps per θu, one image)."""
     n = n_train_images(p["source"], p.get("sim_n"))
     if n is None:
         return None
     runs, seeds = _privacy_runs(p), _seeds(p)
     shadows = p["lira_shadows"] if p["lira_shadows"] >= 2 else 0
-    steps = p["attack_steps"]
-    attack = runs * 2 * (p["n_attack_images"] * sum(steps.get(m, 0) for m in p["attack_methods"])
-                         + sum(steps.get(m, 0) for m in p["protocol_methods"]))
+    attack = (runs * p["n_attack_images"] * 2 * p["attack_steps"]
+              + len(p["worst_case_thetas"]) * p["worst_case_steps"])
     return Work(seeds * (runs * p["rounds"] * p["local_epochs"] * n + shadows * 5 * p["mia_n"]),
                 seeds * runs * (p["rounds"] + 1), p["institutions"], seeds * attack)
 

@@ -210,7 +210,9 @@ def test_cost_models_count_passes_from_the_parameters():
     assert rp._work_03({**p03, "pair": "unknown"}) is None
     retina = rp._work_03({**p03, "pair": "retina_referable", "source_share": 0.5, "target_institutions": 2})
     assert retina.train_images > 0 and retina.institutions == 2
-    assert rp._privacy_runs({"thetas": [1, 0.5, 0.1], "rules": ["largest", "random"]}) == 5
+    from medchain.experiments.privacy import DEFENCES
+    assert rp._privacy_runs({"defences": ["none", "bn_local"]}) == 2
+    assert rp._privacy_runs({"defences": None}) == len(DEFENCES)
 
 
 def test_estimate_of_the_real_notebooks_and_its_text():
