@@ -198,10 +198,11 @@ def verify(run_dir: str | Path, *, seeds: list[int] | None = None, out_dir: str 
     if unknown:
         raise ValueError(f"seed(s) {unknown} are not in the recording (seeds {recorded_seeds})")
     notebook = notebook_for(run_dir, list_notebooks())
-    params = recorded_parameters(old, notebook_defaults(notebook))
+    defaults = notebook_defaults(notebook)           # papermill reads the notebook once
+    params = recorded_parameters(old, defaults)
     quick = bool((old.get("parameters") or {}).get("quick", False))
     params.update(seeds=seeds, jobs=jobs)
-    if "allow_dirty" in notebook_defaults(notebook):
+    if "allow_dirty" in defaults:
         params["allow_dirty"] = allow_dirty
     from medchain.results import REPO
 
