@@ -52,6 +52,7 @@ from medchain.data import save_npz  # noqa: E402
 from medchain.data.types import Dataset, ImageSet  # noqa: E402
 from medchain.node import Deployment  # noqa: E402
 from medchain.protocol import CollabConfig  # noqa: E402
+from medchain.results import git_commit  # noqa: E402
 
 
 def toy_dataset(n_inst: int, per_inst: int = 40, size: int = 12, seed: int = 0) -> Dataset:
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "step, 1.5-1.9 GB peak over 11-14 processes (5 clients, PneumoniaMNIST)",
         "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(), "load_average_1min_end": round(os.getloadavg()[0], 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -21,8 +21,8 @@ BENCH_RESULTS = REPO / "benchmarks" / "results"
 class Work:
     """What one notebook run costs, counted from its parameters: ``train_images`` image-passes of
     training (forward + backward of one image; all seeds), ``chain_rounds`` collaborative rounds on a
-    chain with ``institutions`` members each, ``attack_steps`` gradient-inversion steps (one image,
-    not converted to time: no benchmark measures them). Evaluation is not counted."""
+    chain with ``institutions`` members each, ``attack_steps`` gradient-inversion steps (one image;
+    timed at benchmarks/bench_training.py's inversion rate). Evaluation is not counted."""
     train_images: float
     chain_rounds: int
     institutions: int
@@ -144,8 +144,10 @@ COST_MODELS = {"01_centralized_vs_collaborative": _work_01, "02_partial_update_p
 
 def measured_rates(results_dir: Path = BENCH_RESULTS) -> dict:
     """The measured figures an estimate divides by: training images per CPU second of the `cnn`
-    (benchmarks/results/training.json, medchain's own loop, one thread) and chain transactions per
-    second of the embedded chain (chain.json). Raises FileNotFoundError naming the benchmark to run."""
+    (benchmarks/results/training.json, medchain's own loop, one thread), its gradient-inversion
+    steps per CPU second (same file; absent from older files: attack steps are then not timed) and
+    chain transactions per second of the embedded chain (chain.json). Raises FileNotFoundError
+    naming the benchmark to run."""
     def load(name: str, bench: str) -> dict:
         path = Path(results_dir) / name
         if not path.is_file():
@@ -153,15 +155,20 @@ def measured_rates(results_dir: Path = BENCH_RESULTS) -> dict:
         return json.loads(path.read_text())
     training = load("training.json", "bench_training.py")
     chain = load("chain.json", "bench_chain.py")
-    return {"train_images_per_s": float(training["train"]["medchain_train_epochs"]["images_per_cpu_s"]),
-            "chain_tx_per_s": float(chain["tx_rate_eth_tester"]["tx_per_s"])}
+    rates = {"train_images_per_s": float(training["train"]["medchain_train_epochs"]["images_per_cpu_s"]),
+             "chain_tx_per_s": float(chain["tx_rate_eth_tester"]["tx_per_s"])}
+    if "attack" in training:
+        rates["attack_steps_per_s"] = float(training["attack"]["steps_per_cpu_s"])
+    return rates
 
 
 def work_seconds(work: Work, rates: dict) -> float:
     """Seconds of one core: training image-passes at the measured rate plus, per chain round, two
-    transactions per member (update, attestation) at the measured transaction rate."""
+    transactions per member (update, attestation) at the measured transaction rate, plus attack
+    steps at the measured inversion rate where ``rates`` has one."""
+    attack = work.attack_steps / rates["attack_steps_per_s"] if "attack_steps_per_s" in rates else 0.0
     return (work.train_images / rates["train_images_per_s"]
-            + work.chain_rounds * 2 * work.institutions / rates["chain_tx_per_s"])
+            + work.chain_rounds * 2 * work.institutions / rates["chain_tx_per_s"] + attack)
 
 
 def estimate(books: dict[str, Path], keys: list[str], parameters: dict | None = None,
@@ -188,9 +195,10 @@ def _hours(seconds: float) -> str:
 def format_estimate(rows: list[dict], rates: dict, jobs: int = 1) -> str:
     """The estimate as printed before a full run: per notebook and in total, in hours of one core,
     and the wall time with ``jobs`` notebooks at once."""
+    attack = (f"; attacks at {rates['attack_steps_per_s']:.0f} steps/s" if "attack_steps_per_s" in rates else "")
     lines = [f"estimated cost of this run (training at {rates['train_images_per_s']:.0f} images/s per core, "
-             f"measured for the cnn; chain at {rates['chain_tx_per_s']:.0f} transactions/s; evaluation "
-             "not counted):"]
+             f"measured for the cnn; chain at {rates['chain_tx_per_s']:.0f} transactions/s{attack}; "
+             "evaluation not counted):"]
     known = []
     for r in rows:
         w = r["work"]
@@ -198,7 +206,8 @@ def format_estimate(rows: list[dict], rates: dict, jobs: int = 1) -> str:
             lines.append(f"  {r['notebook']}: no estimate (data size unknown, or no cost model)")
             continue
         known.append(r["seconds"])
-        extra = f", plus {w.attack_steps:,} attack steps (not timed)" if w.attack_steps else ""
+        timed = "" if "attack_steps_per_s" in rates else " (not timed)"
+        extra = f", {w.attack_steps:,} attack steps{timed}" if w.attack_steps else ""
         lines.append(f"  {r['notebook']}: ~{_hours(r['seconds'])} of one core ({w.train_images / 1e6:.1f} M "
                      f"training images, {w.chain_rounds} chain rounds{extra})")
     if known:

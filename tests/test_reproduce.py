@@ -181,6 +181,12 @@ RATES = {"train_images_per_s": 800.0, "chain_tx_per_s": 40.0}
 def test_work_seconds_is_training_plus_two_transactions_per_member_and_round():
     w = rp.Work(train_images=8000, chain_rounds=10, institutions=5)
     assert rp.work_seconds(w, RATES) == pytest.approx(8000 / 800 + 10 * 2 * 5 / 40)
+    a = rp.Work(train_images=8000, chain_rounds=10, institutions=5, attack_steps=600)
+    assert rp.work_seconds(a, RATES) == pytest.approx(rp.work_seconds(w, RATES))     # no rate: not timed
+    assert rp.work_seconds(a, {**RATES, "attack_steps_per_s": 30.0}) == pytest.approx(8000 / 800 + 10 * 2 * 5 / 40 + 20)
+    assert "(not timed)" in rp.format_estimate([{"notebook": "02", "work": a, "seconds": 1.0}], RATES)
+    assert "(not timed)" not in rp.format_estimate([{"notebook": "02", "work": a, "seconds": 1.0}],
+                                                   {**RATES, "attack_steps_per_s": 30.0})
 
 
 def test_n_train_images_from_the_source_parameter():
