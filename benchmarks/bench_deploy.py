@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy.json")
     args = ap.parse_args(argv)
+    commit = git_commit()       # before this run writes its own results into the tree
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         tmp = Path(tmp)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "step, 1.5-1.9 GB peak over 11-14 processes (5 clients, PneumoniaMNIST)",
         "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git_commit(), "load_average_1min_end": round(os.getloadavg()[0], 2),
+        "commit": commit, "load_average_1min_end": round(os.getloadavg()[0], 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
