@@ -50,7 +50,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -421,10 +421,11 @@ def local_mask_for(method: str, layout: Layout, *, head_patterns: Iterable[str] 
 
 def run_local_mask(institutions: list[InstitutionData], n_classes: int, cfg, method: str, *,
                    chain: str | None = "embedded", store=None, quiet: bool = True,
-                   head_patterns: Iterable[str] = HEAD_PATTERNS, initial_model: nn.Module | None = None):
-    """Collaborative training (:func:`medchain.protocol.run_collaborative`) in which every
-    institution keeps the coordinates of :func:`local_mask_for` local. Returns
-    ``(CollabResult, mask)``; the personal models are :func:`personal_models` (result).
+                   initial_model: nn.Module | None = None):
+    """Collaborative training (:func:`medchain.protocol.run_collaborative`) under the policy
+    ``cfg`` with ``keep_local=method``: every institution keeps the coordinates of
+    :func:`local_mask_for` local. Returns ``(CollabResult, mask)``; the personal models are
+    :func:`personal_models` (result).
 
     initial_model: start from these weights (e.g. the final FedAvg model: personalization
     *after* collaborative training, ``cfg.rounds`` more rounds) instead of a fresh ``cfg.model``
@@ -432,20 +433,10 @@ def run_local_mask(institutions: list[InstitutionData], n_classes: int, cfg, met
     Note: ``result.model`` (the "global" model) keeps the *initial* values at the local
     coordinates — nobody shares them — so it is not a model anyone should use."""
     from medchain.protocol import run_collaborative
-    probe = initial_model if initial_model is not None else \
-        build_model(cfg.model, institutions[0].train.n_channels, n_classes, cfg.seed)
-    mask = local_mask_for(method, Layout.from_module(probe), head_patterns=head_patterns)
-
-    def kwargs(idx: int) -> dict:
-        kw = {"local_mask": mask.copy()}
-        if initial_model is not None:
-            kw["init_model"] = copy.deepcopy(initial_model).train()
-        return kw
-
-    extra = {"initial_model": copy.deepcopy(initial_model)} if initial_model is not None else {}
+    cfg = replace(cfg, keep_local=method)
     result = run_collaborative(institutions, n_classes, cfg, chain=chain, store=store, quiet=quiet,
-                               institution_kwargs=kwargs, **extra)
-    return result, mask
+                               initial_model=initial_model)
+    return result, local_mask_for(method, result.institutions[0].layout)
 
 
 def personal_models(result) -> list[nn.Module]:
