@@ -22,7 +22,8 @@ code, same aggregation, an in-memory log instead of a chain — identical seeds 
 The ledger records come from :mod:`medchain.records`; :mod:`medchain.chain` is imported only inside
 the chain paths, so the chain-free reference never loads web3 (tests/test_layers.py).
 
-Modules: :mod:`~medchain.protocol.config` (the task's parameters), :mod:`~medchain.protocol.institution`
+Modules: :mod:`~medchain.protocol.config` (the task's parameters), :mod:`~medchain.protocol.policy`
+(the round policy recorded on chain, parsed strictly; the start it prescribes), :mod:`~medchain.protocol.institution`
 (one hospital), :mod:`~medchain.protocol.memory_ledger` (the chain-free ledger),
 :mod:`~medchain.protocol.attestation` (agreement of the replicas), :mod:`~medchain.protocol.simulation`
 (the in-process driver).
@@ -31,7 +32,11 @@ from medchain.protocol.attestation import AttestationMismatchError, check_attest
 from medchain.protocol.config import KEEP_LOCAL, CollabConfig, scaffold_layout_id, task_model
 from medchain.protocol.institution import Institution
 from medchain.protocol.memory_ledger import MemoryLedger
+from medchain.protocol.policy import (METADATA_KEYS, POLICY_SECTIONS, config_from_params, policy_sections,
+                                      start_model, task_params)
 from medchain.protocol.simulation import CollabResult, run_collaborative
 
 __all__ = ["AttestationMismatchError", "CollabConfig", "CollabResult", "Institution", "KEEP_LOCAL",
-           "MemoryLedger", "check_attestations", "run_collaborative", "scaffold_layout_id", "task_model"]
+           "METADATA_KEYS", "MemoryLedger", "POLICY_SECTIONS", "check_attestations", "config_from_params",
+           "policy_sections", "run_collaborative", "scaffold_layout_id", "start_model", "task_model",
+           "task_params"]

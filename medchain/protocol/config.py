@@ -49,6 +49,14 @@ class CollabConfig:
     mean 0 / std 1 inside the model (:mod:`medchain.harmonize`). augment: {key: [low, high]}
     ranges of the scanner augmentation drawn during local training (keys
     :data:`medchain.harmonize.AUGMENT_KEYS`; {} for none).
+
+    Transfer from a model accepted by the task chain's bridge (:mod:`medchain.protocol.policy`):
+    bridged_model: ``{"bridge": address, "message": 0x id, "model", "in_chans", "n_classes"}`` — the
+    accepted message and the source model's architecture (to parse its payload), or None.
+    init: ``"fresh"`` (``model`` drawn from ``seed``) or ``"warm_start"`` (that fresh model with the
+    bridged feature weights copied in: the task's initial model). l2sp_beta: β of the L2-SP penalty
+    (β/2)·‖w − w_source‖² toward the bridged feature weights in every local step (0: none).
+    The policy as a whole, grouped by what it decides: :func:`medchain.protocol.policy.policy_sections`.
     """
 
     rounds: int = 20
@@ -79,6 +87,9 @@ class CollabConfig:
     standardize: bool = False
     augment: dict = field(default_factory=dict)
     bn_stats: str = "shared"
+    init: str = "fresh"
+    l2sp_beta: float = 0.0
+    bridged_model: dict | None = None
 
     def __post_init__(self):
         """Every parameter is checked here, so that a bad one is refused before a task is deployed
@@ -135,6 +146,16 @@ class CollabConfig:
         for name in ("scaffold", "standardize"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false", getattr(self, name))
         self.augment = validate_augment(self.augment)
+        need(self.init in INIT_CHOICES, f"init must be one of {INIT_CHOICES}", self.init)
+        need(number("l2sp_beta") >= 0, "l2sp_beta must be >= 0", self.l2sp_beta)
+        uses_source = self.init == "warm_start" or self.l2sp_beta > 0
+        need((self.bridged_model is not None) == uses_source, "bridged_model must be given exactly when "
+             "init is 'warm_start' or l2sp_beta > 0 (the bridged message they use)", self.bridged_model)
+        if self.bridged_model is not None:
+            from medchain.protocol.policy import check_bridged_model
+            self.bridged_model = check_bridged_model(self.bridged_model)
+        need(not (self.prox_mu > 0 and self.l2sp_beta > 0), "prox_mu and l2sp_beta cannot both be > 0 "
+             "(one proximal anchor per local step: FedProx's or L2-SP's)", (self.prox_mu, self.l2sp_beta))
         if self.scaffold:
             need(self.optimizer == "sgd", "scaffold needs optimizer 'sgd' (option-II control variates "
                  "estimate the gradient from the SGD displacement)", self.optimizer)
@@ -162,6 +183,8 @@ class CollabConfig:
 
 #: Choices of CollabConfig.keep_local.
 KEEP_LOCAL: tuple[str, ...] = ("none", "fedbn", "fedper")
+#: Choices of CollabConfig.init.
+INIT_CHOICES: tuple[str, ...] = ("fresh", "warm_start")
 
 
 def task_model(cfg: CollabConfig, in_chans: int, n_classes: int) -> nn.Module:

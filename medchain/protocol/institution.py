@@ -7,7 +7,6 @@ import time
 from typing import Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from medchain import codec
@@ -17,7 +16,8 @@ from medchain.data.types import InstitutionData
 from medchain.harmonize import Augmenter, attach_standardization
 from medchain.params import Layout, digest_vector, load_flat, model_vector, unflatten
 from medchain.privacy import apply_download, download_mask, make_selector, trainable_mask
-from medchain.protocol.config import CollabConfig, scaffold_layout_id, task_model
+from medchain.protocol.config import CollabConfig, scaffold_layout_id
+from medchain.protocol.policy import start_model
 from medchain.records import Update
 from medchain.training import recalibrate_bn, train_epochs
 
@@ -29,11 +29,18 @@ class Institution:
 
     ledger: anything with submit_update / updates / attestations / attest acting as this
     institution (a :class:`medchain.chain.LedgerClient` with this institution's account, or a
-    :class:`MemoryLedger.Member`). store: the blob store for payloads too large to go inline.
-    select: optional ``(delta float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``
-    choosing what to upload (default: everything). local_mask: bool (P,) of coordinates that
-    never leave the institution and are never overwritten by the global model (personalization;
-    ``cfg.keep_local`` builds it from the task's parameters instead).
+    :class:`MemoryLedger.Member`). store: the blob store for payloads too large to go inline (and
+    for a bridged model's payload). Everything it does follows the task's policy ``cfg``
+    (:mod:`medchain.protocol.policy`): what it uploads (θu selection, ``keep_local``: FedPer /
+    FedBN, ``bn_stats``), its local objective (FedProx μ, L2-SP β toward the bridged model, SCAFFOLD)
+    and its initial model (fresh, or warm-started from the bridged model, which it receives from the
+    bridge on its ledger's chain and verifies itself: :func:`~medchain.protocol.policy.start_model`).
+
+    Two arguments lie outside the policy, for what a policy cannot express: select — ``(delta
+    float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``, an upload that ignores the
+    policy (a Byzantine member in drills and robustness tests; an attack's custom selection);
+    init_model — initial weights handed over in process (simulation only: personalization after a
+    FedAvg run, the inversion case's trained model), whose digest the driver checks against the task's.
 
     With ``cfg.scaffold`` the institution also holds SCAFFOLD's control variates, float32 (P,),
     zero on buffers: ``c_server`` (derived from the chain: the weighted mean of every accepted
@@ -43,18 +50,18 @@ class Institution:
     def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger,
                  store: BlobStore | None = None, *,
                  select: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
-                 local_mask: np.ndarray | None = None, anchor: dict[str, torch.Tensor] | None = None,
-                 anchor_strength: float = 0.0, init_model: nn.Module | None = None):
+                 init_model: nn.Module | None = None):
         self.data, self.cfg, self.ledger, self.store = data, cfg, ledger, store
         self.index = data.index
-        self.model = init_model if init_model is not None else \
-            task_model(cfg, data.train.n_channels, n_classes)
+        if init_model is not None and cfg.bridged_model is not None:
+            raise ValueError("the task starts from its bridged model (bridged_model); init_model cannot apply")
+        self.model, anchor = (init_model, None) if init_model is not None else \
+            start_model(cfg, data.train.n_channels, n_classes, w3=getattr(ledger, "w3", None), store=store)
         if cfg.standardize:
             attach_standardization(self.model)
         self.layout = Layout.from_module(self.model)
+        local_mask = None
         if cfg.keep_local != "none":
-            if local_mask is not None:
-                raise ValueError("pass local_mask or set the task's keep_local, not both")
             from medchain.personalize import local_mask_for
             local_mask = local_mask_for(cfg.keep_local, self.layout)
         if cfg.scaffold and select is not None:
@@ -78,7 +85,7 @@ class Institution:
             local_mask = buffers if local_mask is None else (np.asarray(local_mask, bool) | buffers)
         self.local_mask = local_mask
         self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
-        self.anchor, self.anchor_strength = anchor, anchor_strength
+        self.anchor, self.anchor_strength = anchor, cfg.l2sp_beta   # L2-SP (None: no anchor)
         self.server = ServerOptimizer(cfg.server_lr, cfg.server_momentum,
                                       averaged=~self.param_mask if cfg.server_momentum > 0 or cfg.server_lr != 1 else None)
         self.timings = {"train": 0.0, "encode": 0.0, "chain": 0.0, "replay": 0.0}
