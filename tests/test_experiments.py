@@ -11,15 +11,20 @@ from medchain.protocol import CollabConfig
 
 
 @pytest.mark.slow
-def test_compare_on_partition_is_deterministic_and_summarised():
+def test_compare_on_partition_is_deterministic_and_summarised(tmp_path, monkeypatch):
+    """...and the second run's baselines come from the run cache, equal to the first's."""
+    monkeypatch.setenv("MEDCHAIN_RUN_CACHE", str(tmp_path / "cache"))
     ds = load_dataset("simulated:n=400,sites=2,seed=3")
     cfg = CollabConfig(rounds=2, local_epochs=1, model="lenet", seed=3)
     runs = [compare_on_partition(ds, "sites", cfg, chain="embedded") for _ in range(2)]
+    assert runs[0].extra["baselines_from_run_cache"] == {"centralized": False, "local_only": False}
+    assert runs[1].extra["baselines_from_run_cache"] == {"centralized": True, "local_only": True}
     assert runs[0].rows == runs[1].rows
     assert runs[0].curves.equals(runs[1].curves)
     assert runs[0].collab.final_digest == runs[1].collab.final_digest
     s = partition_summary(runs[0], tolerance=0.02)
     assert s["rounds"] == 2 and s["seed"] == 3
+    assert s["baselines_from_run_cache"] == {"centralized": False, "local_only": False}
     # counted in rounds, not in passes over the local data
     by_round = [h["acc"] for h in runs[0].extra["curve"]]
     first = next((i + 1 for i, a in enumerate(by_round) if a >= s["centralized"]["acc"] - 0.02), None)

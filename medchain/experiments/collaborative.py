@@ -177,6 +177,7 @@ def partition_summary(run: PartitionRun, tolerance: float) -> dict:
         "chain_identity": run.collab.chain_identity,
         "final_block_hash": run.collab.final_block_hash,
         "wall_s": run.collab.wall_s,
+        "baselines_from_run_cache": run.extra.get("baselines_from_run_cache"),
         "timings_s": t,
         "chain_overhead_pct": 100.0 * t.get("chain", 0.0) / max(run.collab.wall_s, 1e-9),
     }
