@@ -31,11 +31,11 @@ class Institution:
     :class:`medchain.chain.LedgerClient` with this institution's account, or a
     :class:`MemoryLedger.Member`; None: a probe that only builds the model). store: the blob store
     for payloads too large to go inline (and for a bridged model's payload). Everything it does
-    follows the task's policy ``cfg``
-    (:mod:`medchain.protocol.policy`): what it uploads (θu selection, ``keep_local``: FedPer /
-    FedBN, ``bn_stats``), its local objective (FedProx μ, L2-SP β toward the bridged model, SCAFFOLD)
-    and its initial model (fresh, or warm-started from the bridged model, which it receives from the
-    bridge on its ledger's chain and verifies itself: :func:`~medchain.protocol.policy.start_model`).
+    follows the task's policy ``cfg`` (:mod:`medchain.protocol.policy`): what it uploads (θu
+    selection, ``keep_local``: FedPer / FedBN, ``bn_stats``), its local objective (FedProx μ, L2-SP
+    β toward the bridged model, SCAFFOLD) and its initial model (fresh, or warm-started from the
+    bridged model, which it receives from the bridge on its ledger's chain and verifies itself:
+    :func:`~medchain.protocol.policy.start_model`).
 
     Two arguments lie outside the policy, for what a policy cannot express: select — ``(delta
     float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``, an upload that ignores the
