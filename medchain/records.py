@@ -2,15 +2,17 @@
 
 :class:`Update`, :class:`Attestation`, :class:`RoundInfo` and :class:`TaskInfo` are what a ledger
 returns — :class:`medchain.chain.LedgerClient` reads them from the chain,
-:class:`medchain.protocol.MemoryLedger` keeps them in memory. This module sits below both
+:class:`medchain.protocol.MemoryLedger` keeps them in memory; :class:`MemberLedger` is the interface
+both offer to one member (what :class:`medchain.protocol.Institution` uses). This module sits below both
 ``medchain.chain`` and ``medchain.protocol`` and imports only the standard library, so the chain-free
 path never loads web3. ``medchain.chain.ledger`` re-exports every name, so existing imports work.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-__all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo"]
+__all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo", "MemberLedger"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,20 @@ class RoundInfo:
     n_attestations: int
     majority_digest: bytes | None
     mismatches: int
+
+
+@runtime_checkable
+class MemberLedger(Protocol):
+    """A task ledger as one member sees it (a :class:`medchain.chain.LedgerClient` with the
+    member's account, a :class:`medchain.protocol.MemoryLedger.Member`): submit this member's
+    update of a round, read a round's updates in ledger order, attest a global digest, read a
+    round's attestations."""
+
+    def submit_update(self, round: int, digest: bytes, n_values: int, n_samples: int,
+                      payload: bytes = b""): ...
+
+    def updates(self, round: int) -> list[Update]: ...
+
+    def attest(self, round: int, digest: bytes): ...
+
+    def attestations(self, round: int) -> list[Attestation]: ...

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from medchain.experiments.personalization import summarize_seeds
+from medchain.experiments.personalization_summary import summarize_seeds
 from medchain.experiments.personalization_sweep import (heterogeneity_label, plot_sweep, sweep_sentence,
                                                         sweep_table, where_it_pays)
 from medchain.results import save_figure

@@ -15,7 +15,7 @@ from conftest import toy_images
 from medchain import codec
 from medchain.blobstore import fetch_payload
 from medchain.data.types import Dataset, ImageSet, InstitutionData
-from medchain.experiments.personalization import paired_differences, per_institution
+from medchain.experiments.personalization_summary import paired_differences, per_institution
 from medchain.models import build_model
 from medchain.params import Layout, mask_for_module_types, model_vector, select_names
 from medchain.metrics import classification_metrics
@@ -357,8 +357,8 @@ def _toy_dataset() -> Dataset:
 
 
 def test_setting_is_deterministic_by_seed_and_summarized():
-    from medchain.experiments.personalization import (mean_table, paired_differences, personalize_setting,
-                                                      plot_gains, setting_summary)
+    from medchain.experiments.personalization import personalize_setting
+    from medchain.experiments.personalization_summary import mean_table, paired_differences, plot_gains, setting_summary
     torch.set_num_threads(1)
     ds = _toy_dataset()
     cfg = CollabConfig(rounds=2, local_epochs=1, batch_size=32, lr=3e-3, model="cnn_small", seed=0)

@@ -113,3 +113,30 @@ def test_node_processes_follow_the_policy_recorded_on_chain(name, tmp_path, caps
         assert sorted(d.n for d in posted) == sorted(d.n for d in sim_posted)
         assert "theta_u=0.2" in shown and 'keep_local="none"' in shown
     assert "policy upload" in shown and "policy merge" in shown
+
+
+@pytest.mark.anvil
+@needs_anvil
+def test_simulate_processes_runs_a_policy_file_like_the_in_process_run(tmp_path):
+    """`medchain simulate --processes 2 --policy fedper.json`: the policy goes on chain, both node
+    processes keep the head local, and the final digest equals the chain-free in-process run's."""
+    import json
+
+    from medchain.cli import main
+    from medchain.protocol import CollabConfig
+
+    from drills import reference_run  # noqa: E402
+
+    src = toy_source(tmp_path)
+    policy = tmp_path / "fedper.json"
+    policy.write_text(json.dumps({"keep_local": "fedper", "server_momentum": 0.5}))
+    out = tmp_path / "sim"
+    rc = main(["simulate", "--processes", "2", "--data", src, "--rounds", "2", "--model", "cnn", "--lr", "3e-3",
+               "--policy", str(policy), "--out", str(out), "--timeout", "240"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parameters"]["keep_local"] == "fedper" and summary["parameters"]["server_momentum"] == 0.5
+    cfg = CollabConfig(rounds=2, lr=3e-3, model="cnn", keep_local="fedper", server_momentum=0.5)
+    ref = reference_run(src, 2, cfg)
+    assert summary["final_digest"] == ref.final_digest.hex()
+    assert summary["all_nodes_agree"]

@@ -128,3 +128,11 @@ def test_partial_upload_and_download_follow_the_task_parameters():
     # with θd < 1 an institution keeps its own model and takes only part of the global one
     assert inst.own_vec is not None
     assert 0 < np.mean(inst.own_vec == inst.global_vec) < 1
+
+
+def test_both_ledgers_offer_the_member_interface_the_institution_uses():
+    from medchain.chain import LedgerClient
+    from medchain.records import MemberLedger
+    assert issubclass(LedgerClient, MemberLedger) and issubclass(MemoryLedger.Member, MemberLedger)
+    assert isinstance(MemoryLedger(b"\0" * 32, 1).as_account("a"), MemberLedger)
+    assert not isinstance(object(), MemberLedger)

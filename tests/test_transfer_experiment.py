@@ -13,7 +13,8 @@ from medchain.chain import LedgerClient
 from medchain.experiments.transfer import (METHODS, genesis_hash, local_epochs_for, make_tasks, open_target_chain,
                                            receive_source_model, run_target, source_on_target, split_institutions,
                                            train_source)
-from medchain.experiments.transfer_sweep import per_seed_table, rounds_to, run_sweep, summarize
+from medchain.experiments.transfer_summary import per_seed_table, rounds_to, summarize
+from medchain.experiments.transfer_sweep import run_sweep
 from medchain.models import build_model
 from medchain.params import Layout, digest_vector, model_vector
 from medchain.protocol import CollabConfig

@@ -16,7 +16,8 @@ from medchain.experiments.transfer import train_source
 from medchain.experiments.transfer_controls import linear_probe, pooled_multitask
 from medchain.experiments.transfer_pairs import (DETECTION_MAP, REFERABLE_MAP, digits_dataset, make_pair,
                                                  shared_images, split_by_image)
-from medchain.experiments.transfer_sweep import arms_for, parse_arm, run_sweep, score_table, summarize
+from medchain.experiments.transfer_summary import score_table, summarize
+from medchain.experiments.transfer_sweep import arms_for, parse_arm, run_sweep
 from medchain.models import build_model
 from medchain.protocol import CollabConfig
 

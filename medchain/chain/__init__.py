@@ -23,7 +23,7 @@ from .errors import (AlreadyAttested, AlreadyReported, AlreadySealed, Availabili
                      NotAdmin, NotAMember, NotStarted, PayloadTooLarge, QuorumNotReached, RoundClosed,
                      RoundNotClosed, TaskFinished, TooManySamples, TransactionReverted, ZeroDigest,
                      ZeroSamples)
-from .ledger import (Attestation, LedgerClient, RoundInfo, TaskInfo, Update, canonical_params,
+from .ledger import (Attestation, LedgerClient, MemberLedger, RoundInfo, TaskInfo, Update, canonical_params,
                      deploy_ledger)
 from .tx import advance_blocks, calldata_floor_gas, send_transaction
 
@@ -31,6 +31,7 @@ __all__ = [
     "connect", "is_embedded", "redact_url", "chain_identity", "final_block_hash",
     "embedded_accounts", "key_from_env", "dev_accounts", "derived_account", "fund", "ANVIL_DEV_KEYS",
     "load_artifact", "deploy_ledger", "LedgerClient", "TaskInfo", "Update", "Attestation", "RoundInfo",
+    "MemberLedger",
     "canonical_params", "calldata_floor_gas", "advance_blocks", "send_transaction",
     "deploy_bridge", "BridgeClient", "BridgeMessage", "AcceptedMessage", "BridgeError",
     "LedgerError", "InsufficientFunds", "TransactionReverted", "LedgerTimeout", "PayloadTooLarge", "NotAdmin", "NotAMember",

@@ -32,12 +32,12 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
 
-from medchain.records import Attestation, RoundInfo, TaskInfo, Update  # re-exported (records live below chain)
+from medchain.records import Attestation, MemberLedger, RoundInfo, TaskInfo, Update  # re-exported (records live below chain)
 
 from .contract import ContractClient, digest32, uint
 from .errors import ERRORS, LedgerTimeout
 
-__all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo", "LedgerClient", "deploy_ledger",
+__all__ = ["TaskInfo", "Update", "Attestation", "RoundInfo", "MemberLedger", "LedgerClient", "deploy_ledger",
            "canonical_params", "CONTRACT_NAME"]
 
 CONTRACT_NAME = "TaskLedger"

@@ -1,6 +1,6 @@
 """Claim 4 across heterogeneity: where does personalization pay?
 
-Reads the per-setting decisions of :func:`medchain.experiments.personalization.summarize_seeds`
+Reads the per-setting decisions of :func:`medchain.experiments.personalization_summary.summarize_seeds`
 (paired over seeds: best personalization − matching reference, − local-only, and the worst
 institution's change against the reference) and lays them out against the heterogeneity of the
 split: a table, the settings where each comparison holds, and a plot with 95 % intervals.

@@ -24,7 +24,7 @@ The scenario, end to end:
 
 :func:`medchain.experiments.transfer_sweep.run_sweep` repeats step 4 over target data fractions ×
 arms (method × source) × seeds (one chain B per seed, one bridge message per source), and
-:func:`~medchain.experiments.transfer_sweep.summarize` computes the numbers and the verdicts. The task
+:func:`~medchain.experiments.transfer_summary.summarize` computes the numbers and the verdicts. The task
 pairs with a stated relation (similar, same task, unrelated) are in
 :mod:`medchain.experiments.transfer_pairs`; the controls (linear probe, pooled training) in
 :mod:`medchain.experiments.transfer_controls`.
@@ -63,7 +63,7 @@ from medchain.params import Layout
 from medchain.protocol import CollabConfig, CollabResult, run_collaborative, start_model
 
 __all__ = [
-    "METHODS", "CONTROLS", "METHOD_LABELS", "parse_arm", "arm_label", "SourceTask", "TargetChain", "TransferSweep",
+    "METHODS", "CONTROLS", "METHOD_LABELS", "SourceTask", "TargetChain",
     "make_tasks", "grey_to_rgb", "relabel", "split_institutions", "train_source", "source_on_target",
     "open_target_chain", "genesis_hash", "bridge_transfer",
     "local_epochs_for", "receive_source_model", "run_target", "target_policy",

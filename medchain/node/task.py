@@ -1,6 +1,7 @@
-"""Task set-up: the task parameters a ledger records (:func:`task_params`, :func:`config_from_task`),
-deploying and starting a task (:func:`create_task`, ``medchain task create``), and one
-institution's share of the data (:func:`load_institution`)."""
+"""Task set-up: the round policy a ledger records, read back strictly (:func:`config_from_task`;
+written by :func:`medchain.protocol.task_params`), deploying and starting a task
+(:func:`create_task`, ``medchain task create``), and one institution's share of the data
+(:func:`load_institution`)."""
 from __future__ import annotations
 
 import logging

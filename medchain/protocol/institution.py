@@ -18,7 +18,7 @@ from medchain.params import Layout, digest_vector, load_flat, model_vector, unfl
 from medchain.privacy import apply_download, download_mask, make_selector, trainable_mask
 from medchain.protocol.config import CollabConfig, scaffold_layout_id
 from medchain.protocol.policy import start_model
-from medchain.records import Update
+from medchain.records import MemberLedger, Update
 from medchain.training import recalibrate_bn, train_epochs
 
 log = logging.getLogger("medchain.protocol")
@@ -27,14 +27,15 @@ log = logging.getLogger("medchain.protocol")
 class Institution:
     """One hospital: private data, its own model copy, its own ledger client (its own key).
 
-    ledger: anything with submit_update / updates / attestations / attest acting as this
-    institution (a :class:`medchain.chain.LedgerClient` with this institution's account, or a
-    :class:`MemoryLedger.Member`). store: the blob store for payloads too large to go inline (and
-    for a bridged model's payload). Everything it does follows the task's policy ``cfg``
-    (:mod:`medchain.protocol.policy`): what it uploads (θu selection, ``keep_local``: FedPer /
-    FedBN, ``bn_stats``), its local objective (FedProx μ, L2-SP β toward the bridged model, SCAFFOLD)
-    and its initial model (fresh, or warm-started from the bridged model, which it receives from the
-    bridge on its ledger's chain and verifies itself: :func:`~medchain.protocol.policy.start_model`).
+    ledger: a :class:`medchain.records.MemberLedger` acting as this institution (a
+    :class:`medchain.chain.LedgerClient` with this institution's account, or a
+    :class:`MemoryLedger.Member`; None: a probe that only builds the model). store: the blob store
+    for payloads too large to go inline (and for a bridged model's payload). Everything it does
+    follows the task's policy ``cfg`` (:mod:`medchain.protocol.policy`): what it uploads (θu
+    selection, ``keep_local``: FedPer / FedBN, ``bn_stats``), its local objective (FedProx μ, L2-SP
+    β toward the bridged model, SCAFFOLD) and its initial model (fresh, or warm-started from the
+    bridged model, which it receives from the bridge on its ledger's chain and verifies itself:
+    :func:`~medchain.protocol.policy.start_model`).
 
     Two arguments lie outside the policy, for what a policy cannot express: select — ``(delta
     float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``, an upload that ignores the
@@ -47,7 +48,7 @@ class Institution:
     Δc added each round) and ``c_own`` (its own Δc as accepted on chain, summed).
     """
 
-    def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger,
+    def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger: MemberLedger | None,
                  store: BlobStore | None = None, *,
                  select: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
                  init_model: nn.Module | None = None):
