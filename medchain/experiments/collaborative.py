@@ -117,6 +117,7 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
                       "lr": {"centralized": tcfg.lr, **{m: method_config(cfg, m, scale[m]).lr for m in methods}},
                       "methods": {m: {"round": r.round, "val": r.val} for m, r in runs.items()}},
         "chain_cost": {m: r.cost for m, r in runs.items()},
+        "baselines_from_run_cache": {"centralized": cen.cached, "local_only": loc.cached},
         "curve": best.curve,
         "methods": methods,
         "correct": correct})

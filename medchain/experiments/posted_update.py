@@ -7,7 +7,6 @@ attacks decode and invert a payload; this module produces the payload the protoc
 """
 from __future__ import annotations
 
-import copy
 import math
 
 from torch import nn
@@ -40,8 +39,7 @@ def protocol_case(images, labels, *, model: nn.Module, cfg: CollabConfig, num_cl
     if Layout.from_module(build_model(c.model, sets[0].n_channels, num_classes, 0)) != layout:
         raise ValueError(f"model does not have the layout of the task's model {c.model!r} "
                          f"({sets[0].n_channels} channels, {num_classes} classes)")
-    res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model,
-                            institution_kwargs=lambda i: {"init_model": copy.deepcopy(model)})
+    res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model)
     inst = res.institutions[0]
     sender = getattr(inst.ledger.account, "address", inst.ledger.account)
     mine = [r for r in inst.ledger.updates(0) if r.sender == sender]
