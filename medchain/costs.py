@@ -48,7 +48,8 @@ def _seeds(p: dict) -> int:
 def _work_01(p: dict) -> Work | None:
     """Per seed and partition: each collaborative method (on chain) and, with_reference, the
     chain-free reference, rounds × local_epochs passes each; centralized and local-only,
-    baseline_epochs each."""
+    baseline_epochs each. With several lr_scales, per partition and scale on the tuning seed:
+    each method and centralized once."""
     n = n_train_images(p["source"], p.get("sim_n"))
     if n is None:
         return None
@@ -56,8 +57,11 @@ def _work_01(p: dict) -> Work | None:
     base = passes if p.get("baseline_epochs") is None else p["baseline_epochs"]
     runs = _seeds(p) * len(p["partitions"])
     methods = len(p.get("methods") or ["fedavg"])
-    return Work(runs * n * (passes * (methods + bool(p.get("with_reference"))) + 2 * base),
-                runs * p["rounds"] * methods, p["institutions"])
+    scales = len(set(p.get("lr_scales") or [1.0]))
+    tune = len(p["partitions"]) * scales if scales > 1 else 0
+    return Work(runs * n * (passes * (methods + bool(p.get("with_reference"))) + 2 * base)
+                + tune * n * (passes * methods + base),
+                (runs + tune) * p["rounds"] * methods, p["institutions"])
 
 
 def _privacy_runs(p: dict) -> int:

@@ -58,6 +58,28 @@ def auc_score(y_true: np.ndarray, proba: np.ndarray) -> float:
                                labels=np.arange(proba.shape[1])))
 
 
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error of the top-label confidence: sum over equal-width confidence
+    bins of (share of images in the bin) × |accuracy − mean confidence| in it; 0 is calibrated,
+    in [0, 1]. y_true: int (N,); proba: (N, C). The reliability curve (per-bin accuracy and
+    confidence) is scikit-learn's ``calibration_curve``; the bin weights use its binning."""
+    from sklearn.calibration import calibration_curve
+
+    y_true = np.asarray(y_true).astype(np.int64).ravel()
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[0] != y_true.shape[0] or y_true.size == 0:
+        raise ValueError(f"proba must be (N, C) with N = {y_true.shape[0]} > 0, got {proba.shape}")
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(np.int64)
+    if correct.min() == correct.max():      # one outcome only: calibration_curve needs both
+        return float(abs(correct[0] - conf.mean()))
+    acc, mean_conf = calibration_curve(correct, conf, n_bins=n_bins, strategy="uniform")
+    bins = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(bins[1:-1], conf), minlength=n_bins)   # sklearn's bin ids
+    weights = counts[counts > 0] / conf.size
+    return float(np.sum(weights * np.abs(acc - mean_conf)))
+
+
 def majority_rate(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
     """Accuracy of always predicting the most frequent training class on test_labels."""
     majority = np.bincount(np.asarray(train_labels).ravel()).argmax()

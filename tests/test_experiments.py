@@ -75,7 +75,10 @@ def _fake_methods_seed(seed, cen, gaps: dict[str, tuple[float, float]], chosen: 
     out["method_details"] = {m: {"pooled": metrics(cen + g), "gap": metrics(g), "worst_site": metrics(cen + w),
                                  "gap_worst_site": metrics(w), "worst_gap_site": "inst1",
                                  "val": {"acc": cen + g}, "chain": {"upload_bytes_per_round": 1e6 * (1 + (m == "b")),
-                                                                    "update_gas_per_round": 9e4, "values_per_update": 10}}
+                                                                    "update_gas_per_round": 9e4, "values_per_update": 10},
+                                 "lr": 0.002 * (1 + seed % 2),
+                                 "worst_gap_site_diagnostics": {k: {"method": 0.5 + seed, "centralized": 0.1}
+                                                                for k in ("loss", "ece", "bn_distance")}}
                              for m, (g, w) in gaps.items()}
     out["selection"] = {"collaborative_method": chosen}
     out["gap_worst_site_collaborative_minus_centralized"] = metrics(gaps[chosen][1])
@@ -96,6 +99,9 @@ def test_summarize_describes_every_method_and_decides_the_target_on_the_chosen_o
     table = method_table(out)
     assert list(table.index) == ["collaborative[a]", "collaborative[b]"]
     assert table.loc["collaborative[b]", "upload MB / round"] == pytest.approx(2.0)
+    assert table.loc["collaborative[b]", "lr"] == [0.002, 0.004]
+    diag = b["worst_gap_site_diagnostics"]
+    assert diag["ece"]["method"]["mean"] == pytest.approx(2.5) and diag["loss"]["centralized"]["mean"] == pytest.approx(0.1)
     far = [_fake_methods_seed(s, 0.9, {"a": (-0.10 + 0.002 * s, -0.30), "b": (-0.06 + 0.002 * s, -0.2)}, "b")
            for s in range(5)]
     t = summarize(far, 0.02, partition_name="sites", target=(0.03, 0.05))["target"]
@@ -127,3 +133,19 @@ def test_seeds_in_parallel_processes_equal_serial_runs(one_thread):
         assert a["summary"]["final_global_digest"] == b["summary"]["final_global_digest"]
         assert a["rows"] == b["rows"]
     assert serial[0]["summary"]["final_global_digest"] != serial[1]["summary"]["final_global_digest"]
+
+
+@pytest.mark.slow
+def test_learning_rate_factors_reach_every_method_and_sites_carry_calibration(one_thread):
+    ds = load_dataset("simulated:n=300,sites=2,seed=4")
+    cfg = CollabConfig(rounds=1, local_epochs=1, model="lenet", lr=0.002, seed=1)
+    run = compare_on_partition(ds, "sites", cfg, chain=None, methods=["fedavg", "scaffold"],
+                               lr_scales={"centralized": 2.0, "scaffold": 0.5})
+    s = partition_summary(run, tolerance=0.02)
+    assert s["selection"]["lr"] == pytest.approx({"centralized": 0.004, "fedavg": 0.002, "scaffold": 0.025})
+    assert s["method_details"]["scaffold"]["lr"] == pytest.approx(0.025)
+    for m in ("fedavg", "scaffold"):
+        for site in s["method_details"][m]["per_site"].values():
+            assert 0.0 <= site["ece"] <= 1.0
+        diag = s["method_details"][m]["worst_gap_site_diagnostics"]
+        assert set(diag) == {"loss", "ece", "bn_distance"} and diag["loss"]["centralized"] > 0

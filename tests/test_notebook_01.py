@@ -35,6 +35,9 @@ def test_notebook_01_quick_run_records_one_seed_and_no_verdict(tmp_path):
     assert summary["chain"]["iid"][0]["ledger_address"] == seed0["ledger_address"]
     assert summary["versions"]["torch"].startswith("2.13") and summary["versions"]["cpu_capability"]
     assert summary["provenance"]["quick"] is True
+    # one lr scale (the default): nothing tuned, every method and centralized at the recipe's lr
+    assert summary["lr_choice"]["iid"]["chosen"] == {"centralized": 1.0, "fedavg": 1.0}
+    assert seed0["selection"]["lr"]["fedavg"] == pytest.approx(summary["parameters"]["lr"])
     data = summary["data"]
     assert data["kind"] == "simulated" and len(data["sha256"]) == 64 and data["n_classes"] == 3
     metrics = pd.read_csv(out / "metrics.csv")

@@ -65,3 +65,28 @@ def test_settings_name_what_differs_from_the_notebook_defaults():
     assert report.settings_text(run) == "source=breastmnist, local_epochs=1"
     run["summary"]["parameters"] = {"rounds": 20}
     assert report.settings_text(run) == "notebook defaults"
+
+
+def test_report_lists_each_claim_1_method_with_gaps_diagnostics_and_chain_cost(tmp_path):
+    d = tmp_path / "full/sim/01"
+    d.mkdir(parents=True)
+    v = stats.claim_verdict("claim 1 (sites): x", [stats.non_inferiority([-0.1, -0.12, -0.11], 0.02)],
+                            deciding_metric="acc")
+    gap, worst = stats.describe([-0.10, -0.12, -0.11]), stats.describe([-0.20, -0.25, -0.30])
+    m = {k: stats.describe([0.8, 0.81, 0.79]) for k in ("acc", "balanced_acc", "auc")}
+    diag = {k: {"method": stats.describe([0.9, 1.1, 1.0]), "centralized": stats.describe([0.2, 0.3, 0.25])}
+            for k in ("loss", "ece", "bn_distance")}
+    m.update({"gap": {"acc": gap}, "worst_site": {"acc": stats.describe([0.6, 0.62, 0.64])},
+              "gap_worst_site": {"acc": worst}, "lr": [0.002, 0.005, 0.002], "chosen_in_seeds": [0, 2],
+              "worst_gap_site_diagnostics": diag,
+              "chain": {"upload_bytes_per_round": 4.2e6, "update_gas_per_round": 409740.6, "values_per_update": 1}})
+    (d / "summary.json").write_text(json.dumps({"claim": 1, "dataset": "sim", "verdicts": [v], "seeds": [0, 1, 2],
+                                                "git_commit": "abc",
+                                                "partitions": {"sites": {"methods": {"collaborative[scaffold]": m}}}}))
+    text = report.render(tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("| full/sim/01 | sites | collaborative[scaffold] | 0.002, 0.005 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == f"-11.0 [{100 * gap['ci_low']:+.1f}, {100 * gap['ci_high']:+.1f}]"
+    assert cells[6].startswith("-25.0 [")
+    assert cells[7:10] == ["1.00 / 0.25", "1.000 / 0.250", "1.000 / 0.250"]
+    assert cells[10:] == ["4.20", "409,741", "[0, 2]"]

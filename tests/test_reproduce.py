@@ -203,6 +203,10 @@ def test_cost_models_count_passes_from_the_parameters():
     assert rp._work_01({**p01, "with_reference": False, "baseline_epochs": 1}).train_images == 2 * 2 * 700 * 10
     assert rp._work_01({**p01, "seeds": None}).train_images == rp.DEFAULT_SEEDS / 2 * w.train_images
     assert rp._work_01({**p01, "source": "x.npz"}) is None
+    # two lr scales: on the tuning seed, per partition and scale, 8 passes of each method + 8 of centralized
+    tuned = rp._work_01({**p01, "lr_scales": [1.0, 2.5]})
+    assert tuned.train_images == w.train_images + 2 * 2 * 700 * (8 + 8)
+    assert tuned.chain_rounds == w.chain_rounds + 2 * 2 * 4
     # 03: 140 target training images × 0.1 over 2 institutions = 7 each: one step of 32 an epoch, so 8
     # epochs for 8 steps a round; chain arms: none, warm start / L2-SP from each of 2 sources = 5;
     # pooled with the similar source only (not the unrelated one), 3 epochs over 700 + 700 images

@@ -43,10 +43,22 @@ class PartitionRun:
     extra: dict = field(default_factory=dict)
 
 
+def split(dataset: Dataset, scheme: str, *, institutions: int, alpha: float, seed: int):
+    """The institutions of one seed: `dataset` partitioned by `scheme` ("sites": one per site)."""
+    return partition(dataset, None if scheme == "sites" else institutions, scheme, alpha=alpha, seed=seed)
+
+
+def baseline_config(cfg: CollabConfig, epochs: int, lr_scale: float = 1.0) -> TrainConfig:
+    """Centralized / local-only training with `cfg`'s recipe for `epochs` epochs, lr × `lr_scale`."""
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr * lr_scale, optimizer=cfg.optimizer,
+                       weight_decay=cfg.weight_decay, lr_floor=cfg.lr_floor, seed=cfg.seed)
+
+
 def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, institutions: int = 5,
                          alpha: float = 0.5, centralized_epochs: int | None = None,
                          chain: str | None = "embedded", with_reference: bool = False,
-                         quiet: bool = True, methods: tuple[str, ...] | list[str] = ("fedavg",)) -> PartitionRun:
+                         quiet: bool = True, methods: tuple[str, ...] | list[str] = ("fedavg",),
+                         lr_scales: dict[str, float] | None = None) -> PartitionRun:
     """Partition `dataset` with cfg.seed, then train centralized, local-only and each collaborative
     method (:data:`medchain.experiments.methods.METHODS`, on top of `cfg`) on chain with the same
     model, batch size and seed. Centralized and local-only train for `centralized_epochs` (default:
@@ -54,20 +66,22 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
     schedule; every method is selected on validation data (see the module docstring). The method
     whose selected round scores best on the pooled validation splits is "collaborative" (its
     rows are copied under that name), so the claim's verdict rests on a choice made on validation
-    only."""
+    only. lr_scales: factor of the learning rate per method name and "centralized" (also used by
+    local-only), chosen beforehand on validation data (:mod:`medchain.experiments.lr_choice`)."""
     methods = list(dict.fromkeys(methods))
+    scale = {"centralized": 1.0, **{m: 1.0 for m in methods}, **(lr_scales or {})}
     if not methods:
         raise ValueError("methods must name at least one collaborative method")
     for m in methods:
-        method_config(cfg, m)                                  # unknown name / bad combination: now
-    insts = partition(dataset, None if scheme == "sites" else institutions, scheme, alpha=alpha, seed=cfg.seed)
+        method_config(cfg, m, scale[m])                        # unknown name / bad combination: now
+    insts = split(dataset, scheme, institutions=institutions, alpha=alpha, seed=cfg.seed)
     epochs = centralized_epochs or cfg.rounds * cfg.local_epochs
-    tcfg = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                       weight_decay=cfg.weight_decay, lr_floor=cfg.lr_floor, seed=cfg.seed)
+    tcfg = baseline_config(cfg, epochs, scale["centralized"])
     cen = centralized(insts, cfg.model, dataset.n_classes, tcfg, quiet=quiet)
     loc = local_only(insts, cfg.model, dataset.n_classes, tcfg, quiet=quiet)
     cen_rows, cen_pred = site_scores("centralized", [cen.models[0]] * len(insts), insts)
-    runs = {m: run_method(m, insts, dataset.n_classes, cfg, chain=chain, quiet=quiet) for m in methods}
+    runs = {m: run_method(m, insts, dataset.n_classes, cfg, chain=chain, quiet=quiet, lr_scale=scale[m])
+            for m in methods}
     chosen = max(methods, key=lambda m: selection_key(runs[m].val))   # ties: the first listed
     best = runs[chosen]
     rows = cen_rows + loc.rows
@@ -88,7 +102,8 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
                    for h in run.curve]
     ref = None
     if with_reference and chain is not None:
-        ref = run_collaborative(insts, dataset.n_classes, method_config(cfg, chosen), chain=None, quiet=quiet)
+        ref = run_collaborative(insts, dataset.n_classes, method_config(cfg, chosen, scale[chosen]), chain=None,
+                                quiet=quiet)
     passes = cfg.rounds * cfg.local_epochs
     return PartitionRun(scheme, rows, pd.DataFrame(curves).assign(partition=scheme), best.result, ref, extra={
         "passes": {"centralized": epochs, "local_only": epochs, "collaborative": passes,
@@ -99,6 +114,7 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
                       "collaborative_method": chosen,
                       "collaborative_round": best.round,
                       "collaborative_round_digest": best.result.history[best.round - 1]["digest"],
+                      "lr": {"centralized": tcfg.lr, **{m: method_config(cfg, m, scale[m]).lr for m in methods}},
                       "methods": {m: {"round": r.round, "val": r.val} for m, r in runs.items()}},
         "chain_cost": {m: r.cost for m, r in runs.items()},
         "baselines_from_run_cache": {"centralized": cen.cached, "local_only": loc.cached},
@@ -116,7 +132,7 @@ def _pooled(rows: list[dict], method: str) -> dict[str, float]:
 
 def _sites(rows: list[dict], method: str) -> dict[str, dict]:
     """Per-institution test metrics of `method` (with its diagnostics: loss, bn_distance)."""
-    keys = METRICS + ("loss", "bn_distance")
+    keys = METRICS + ("loss", "ece", "bn_distance")
     return {r["eval_on"]: {k: r.get(k) for k in keys} for r in rows
             if r["method"] == method and r["eval_on"] != "pooled"}
 
@@ -142,6 +158,9 @@ def method_details(run: PartitionRun) -> dict:
         out[m] = {"pooled": pooled, "gap": {k: pooled[k] - cen[k] for k in METRICS},
                   "worst_site": low, "gap_worst_site": worst_gap, "worst_gap_site": where,
                   "per_site": sites, "val": sel["val"], "round": sel["round"],
+                  "lr": run.extra["selection"]["lr"][m],
+                  "worst_gap_site_diagnostics": {k: {"method": sites[where].get(k), "centralized": cen_sites[where].get(k)}
+                                                 for k in ("loss", "ece", "bn_distance")},
                   "chain": run.extra["chain_cost"][m]}
     return out
 
@@ -246,6 +265,10 @@ def _method_stats(per_seed: list[dict]) -> dict:
             "gap_worst_site": {k: _finite_describe([x["gap_worst_site"][k] for x in d]) for k in METRICS},
             "worst_gap_sites": [x["worst_gap_site"] for x in d],
             "val_acc": stats.describe([x["val"]["acc"] for x in d]),
+            "lr": [x["lr"] for x in d],
+            "worst_gap_site_diagnostics": {k: {who: _finite_describe([x["worst_gap_site_diagnostics"][k][who] for x in d])
+                                               for who in ("method", "centralized")}
+                                           for k in ("loss", "ece", "bn_distance")},
             "chain": {k: (float(np.mean([x["chain"][k] for x in d])) if d[0]["chain"][k] is not None else None)
                       for k in ("upload_bytes_per_round", "update_gas_per_round", "values_per_update")},
             "chosen_in_seeds": [s["seed"] for s in per_seed if s["selection"]["collaborative_method"] == m],
@@ -359,21 +382,24 @@ def method_table(part: dict) -> pd.DataFrame:
                      "gap ACC (points)": _ci(m["gap"]["acc"], 100, "{:+.1f}"),
                      "worst-site gap ACC (points)": _ci(m["gap_worst_site"]["acc"], 100, "{:+.1f}"),
                      "validation ACC": _ci(m["val_acc"]), "chosen in seeds": m["chosen_in_seeds"],
+                     "lr": sorted(set(m["lr"])),
                      "upload MB / round": chain["upload_bytes_per_round"] / 1e6,
                      "update gas / round": chain["update_gas_per_round"]})
     return pd.DataFrame(rows).set_index("method")
 
 
 def site_table(seed_runs: list[dict]) -> pd.DataFrame:
-    """Per method (centralized included) and site, means over seeds of the test ACC, test loss and
-    BatchNorm statistics distance (see :func:`medchain.experiments.methods.bn_distance`)."""
+    """Per method (centralized included) and site, means over seeds of the test ACC, test loss,
+    expected calibration error and BatchNorm statistics distance (see
+    :func:`medchain.experiments.methods.bn_distance`)."""
     rows = []
     for s in (r["summary"] for r in seed_runs):
         per = {"centralized": s["centralized_per_site"],
                **{label(m): d["per_site"] for m, d in s["method_details"].items()}}
         for method, sites in per.items():
-            rows += [{"method": method, "site": site, **{k: v[k] for k in ("acc", "loss", "bn_distance")}}
+            rows += [{"method": method, "site": site, **{k: v.get(k) for k in ("acc", "loss", "ece", "bn_distance")}}
                      for site, v in sites.items()]
     table = pd.DataFrame(rows)
-    table["bn_distance"] = table["bn_distance"].astype(float)
-    return table.groupby(["method", "site"])[["acc", "loss", "bn_distance"]].mean().unstack("site")
+    cols = ["acc", "loss", "ece", "bn_distance"]
+    table[cols] = table[cols].astype(float)
+    return table.groupby(["method", "site"])[cols].mean().unstack("site")

@@ -20,7 +20,7 @@ from torch import nn
 from medchain.blobstore import fetch_payload
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.harmonize import DEFAULT_AUGMENT
-from medchain.metrics import classification_metrics
+from medchain.metrics import classification_metrics, expected_calibration_error
 from medchain.params import load_flat
 from medchain.protocol import CollabConfig, CollabResult, run_collaborative
 from medchain.training import predict_proba, recalibrate_bn, selection_key
@@ -54,11 +54,20 @@ def label(method: str) -> str:
     return f"collaborative[{method}]"
 
 
-def method_config(cfg: CollabConfig, method: str) -> CollabConfig:
-    """`cfg` with `method`'s task parameters (a new, validated CollabConfig)."""
+def method_config(cfg: CollabConfig, method: str, lr_scale: float = 1.0) -> CollabConfig:
+    """`cfg` with `method`'s task parameters (a new, validated CollabConfig), its learning rate
+    (the method's own, e.g. SCAFFOLD's SGD rate, or the recipe's) multiplied by `lr_scale`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    return replace(cfg, **copy.deepcopy(METHODS[method]))
+    if not (isinstance(lr_scale, (int, float)) and 0 < lr_scale < float("inf")):
+        raise ValueError(f"lr_scale must be a positive number (a factor of the learning rate), got {lr_scale!r}")
+    out = replace(cfg, **copy.deepcopy(METHODS[method]))
+    return replace(out, lr=out.lr * float(lr_scale)) if lr_scale != 1.0 else out
+
+
+def _metrics(labels: np.ndarray, proba: np.ndarray) -> dict:
+    """classification_metrics plus the expected calibration error (``ece``) of the predictions."""
+    return {**classification_metrics(labels, proba), "ece": expected_calibration_error(labels, proba)}
 
 
 def _pooled_scores(models: list[nn.Module], sets: list[ImageSet]) -> tuple[dict, list[dict], np.ndarray]:
@@ -67,8 +76,7 @@ def _pooled_scores(models: list[nn.Module], sets: list[ImageSet]) -> tuple[dict,
     probas = [predict_proba(m, s) for m, s in zip(models, sets)]
     labels = np.concatenate([s.labels for s in sets])
     proba = np.concatenate(probas)
-    return (classification_metrics(labels, proba),
-            [classification_metrics(s.labels, p) for s, p in zip(sets, probas)], proba)
+    return _metrics(labels, proba), [_metrics(s.labels, p) for s, p in zip(sets, probas)], proba
 
 
 class BestRound:
@@ -126,7 +134,8 @@ def bn_distance(model: nn.Module, images: ImageSet) -> float | None:
 def site_scores(method: str, models: list[nn.Module], data: list[InstitutionData]) -> tuple[list[dict], np.ndarray]:
     """Tidy rows of models[i] scored on institution i's test split (eval_on ``inst<i>``, with the
     loss and the BatchNorm statistics distance on its validation images as diagnostics) and of all
-    those predictions pooled (eval_on ``pooled``); and the pooled predicted classes (N,)."""
+    those predictions pooled (eval_on ``pooled``); and the pooled predicted classes (N,). Rows
+    carry the test loss and expected calibration error (``ece``) beside ACC, balanced ACC, AUC."""
     pooled, per_site, proba = _pooled_scores(models, [d.test for d in data])
     shared = all(m is models[0] for m in models)
     rows = [{"method": method, "model_of": -1, "eval_on": "pooled", **pooled}]
@@ -175,10 +184,11 @@ class MethodRun:
 
 
 def run_method(method: str, data: list[InstitutionData], n_classes: int, cfg: CollabConfig, *,
-               chain: str | None = "embedded", quiet: bool = True) -> MethodRun:
-    """Run `method` (:data:`METHODS`) collaboratively with `cfg` as the base recipe; select the
-    round on validation; score the selected and the last round's models on test."""
-    mcfg = method_config(cfg, method)
+               chain: str | None = "embedded", quiet: bool = True, lr_scale: float = 1.0) -> MethodRun:
+    """Run `method` (:data:`METHODS`) collaboratively with `cfg` as the base recipe (learning rate
+    × `lr_scale`); select the round on validation; score the selected and the last round's models
+    on test."""
+    mcfg = method_config(cfg, method, lr_scale)
     best = BestRound(data)
     res = run_collaborative(data, n_classes, mcfg, chain=chain, quiet=quiet, round_callback=best)
     rows, predicted = site_scores(label(method), best.models(res), data)
