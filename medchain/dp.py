@@ -13,6 +13,8 @@ to the institution's accountant, whose ε at the end of the task is the ε on ch
 (tests/test_dp.py checks it).
 
 Per-sample gradients need a model without BatchNorm: DP tasks use the ``cnn_gn`` (GroupNorm).
+The noise is drawn from a seeded generator so that runs are reproducible (Opacus's
+``secure_mode=False``); the attacks never use that seed, but a deployment should draw it securely.
 """
 from __future__ import annotations
 
@@ -102,12 +104,12 @@ def dp_train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp: DPPl
     seed = cfg.seed if seed is None else seed
     ds = TensorDataset(to_tensor(data.images), torch.from_numpy(data.labels.astype(np.int64)))
     loader = DataLoader(ds, batch_size=cfg.batch_size, generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant = accountant
     torch.manual_seed(seed)
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # Opacus warns about secure_mode=False (seeded noise is wanted here)
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant = accountant
         gsm, opt, dl = engine.make_private(
             module=model, optimizer=make_optimizer(model.parameters(), cfg), data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,

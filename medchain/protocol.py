@@ -89,6 +89,11 @@ class CollabConfig:
     mean 0 / std 1 inside the model (:mod:`medchain.harmonize`). augment: {key: [low, high]}
     ranges of the scanner augmentation drawn during local training (keys
     :data:`medchain.harmonize.AUGMENT_KEYS`; {} for none).
+
+    DP-SGD per institution (:mod:`medchain.dp`, Opacus): dp_epsilon — every institution trains
+    with per-sample clipping at dp_max_grad_norm and Gaussian noise calibrated by the RDP
+    accountant so that the whole task spends this ε at δ = dp_delta (None: 1/n, n = the sample
+    count its updates report on chain); None: no DP. Needs a model without BatchNorm (``cnn_gn``).
     """
 
     rounds: int = 20
@@ -119,6 +124,9 @@ class CollabConfig:
     standardize: bool = False
     augment: dict = field(default_factory=dict)
     bn_stats: str = "shared"
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_max_grad_norm: float = 1.0
 
     def __post_init__(self):
         """Every parameter is checked here, so that a bad one is refused before a task is deployed
@@ -171,6 +179,14 @@ class CollabConfig:
                  self.max_samples)
         need(self.bn_stats in BN_POLICIES, f"bn_stats must be one of {BN_POLICIES}", self.bn_stats)
         validate_rule(self.aggregation)
+        if self.dp_epsilon is not None:
+            need(number("dp_epsilon") > 0, "dp_epsilon must be > 0 or None", self.dp_epsilon)
+            need(not self.scaffold and self.prox_mu == 0 and not self.augment,
+                 "dp_epsilon (DP-SGD) cannot be combined with scaffold, prox_mu or augment",
+                 (self.scaffold, self.prox_mu, self.augment))
+        if self.dp_delta is not None:
+            need(0 < number("dp_delta") < 1, "dp_delta must be in (0, 1) or None", self.dp_delta)
+        need(number("dp_max_grad_norm") > 0, "dp_max_grad_norm must be > 0", self.dp_max_grad_norm)
         need(self.keep_local in KEEP_LOCAL, f"keep_local must be one of {KEEP_LOCAL}", self.keep_local)
         for name in ("scaffold", "standardize"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false", getattr(self, name))
@@ -275,13 +291,17 @@ class Institution:
     With ``cfg.scaffold`` the institution also holds SCAFFOLD's control variates, float32 (P,),
     zero on buffers: ``c_server`` (derived from the chain: the weighted mean of every accepted
     Δc added each round) and ``c_own`` (its own Δc as accepted on chain, summed).
+
+    With ``cfg.dp_epsilon`` it trains with DP-SGD: ``dp_plan`` (:class:`medchain.dp.DPPlan`; default
+    :func:`medchain.dp.plan` for its training-set size) fixes the noise, and ``accountant`` (Opacus
+    RDP) is charged every step it takes.
     """
 
     def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger,
                  store: BlobStore | None = None, *,
                  select: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
                  local_mask: np.ndarray | None = None, anchor: dict[str, torch.Tensor] | None = None,
-                 anchor_strength: float = 0.0, init_model: nn.Module | None = None):
+                 anchor_strength: float = 0.0, init_model: nn.Module | None = None, dp_plan=None):
         self.data, self.cfg, self.ledger, self.store = data, cfg, ledger, store
         self.index = data.index
         self.model = init_model if init_model is not None else \
@@ -322,6 +342,16 @@ class Institution:
         self.last_upload: tuple[np.ndarray, np.ndarray] | None = None
         self.rounds_applied = 0                          # rounds aggregated into global_vec so far
         self.refused: dict[int, list[tuple[str, str]]] = {}   # round -> [(sender, reason)]
+        self.dp_plan, self.accountant = None, None
+        if cfg.dp_epsilon is not None:
+            from medchain.dp import check_dp_model, new_accountant, plan
+            check_dp_model(self.model, cfg.model)
+            self.dp_plan = dp_plan or plan(cfg.dp_epsilon, self.n_samples, batch_size=cfg.batch_size,
+                                           rounds=cfg.rounds, local_epochs=cfg.local_epochs,
+                                           max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta)
+            self.accountant = new_accountant()
+        elif dp_plan is not None:
+            raise ValueError("dp_plan given but the task has no dp_epsilon")
 
     @property
     def n_samples(self) -> int:
@@ -358,10 +388,15 @@ class Institution:
         if self.cfg.scaffold:
             names = {n for n, _ in self.model.named_parameters()}
             offset = {k: v for k, v in unflatten(self.c_server - self.c_own, self.layout).items() if k in names}
-        stats = train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
-                             anchor=anchor, anchor_strength=strength,
-                             seed=self.cfg.seed * 100_003 + r * 1_009 + self.index,
-                             augment=self.augment, grad_offset=offset)
+        seed = self.cfg.seed * 100_003 + r * 1_009 + self.index
+        if self.dp_plan is not None:
+            from medchain.dp import dp_train_epochs
+            stats = dp_train_epochs(self.model, self.data.train, self.cfg.train_config(), self.dp_plan,
+                                    self.accountant, lr_range=self.cfg.round_lr(r), seed=seed)
+        else:
+            stats = train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
+                                 anchor=anchor, anchor_strength=strength, seed=seed,
+                                 augment=self.augment, grad_offset=offset)
         if self.cfg.bn_recalibrate:
             recalibrate_bn(self.model, self.data.train)
         trained = model_vector(self.model, self.layout)
@@ -381,11 +416,9 @@ class Institution:
                       - delta.astype(np.float64) / unit, 0.0).astype(np.float32)
         return np.concatenate([delta, dc])
 
-    def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
-        """Select, encode, place and submit round r's update; returns its digest. ``withhold``
-        (drills only): submit the digest alone and store the payload nowhere, as a member trying to
-        stall the task would."""
-        t0 = time.perf_counter()
+    def selection(self, delta: np.ndarray, r: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """What round r's update ``delta`` (float32 (P,)) would share: (indices int64 (n,) or None
+        for all, values float32 (n,)) — the task's selection, never a local-only coordinate."""
         if self.select is not None:
             idx, vals = self.select(delta, r)
         elif self.local_mask is not None:
@@ -396,6 +429,14 @@ class Institution:
         if self.local_mask is not None and idx is not None and self.local_mask[idx].any():
             raise RuntimeError(f"institution {self.index}: the selection would upload local-only "
                                "coordinates; refusing to share them")
+        return idx, vals
+
+    def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
+        """Select, encode, place and submit round r's update; returns its digest. ``withhold``
+        (drills only): submit the digest alone and store the payload nowhere, as a member trying to
+        stall the task would."""
+        t0 = time.perf_counter()
+        idx, vals = self.selection(delta, r)
         self.last_upload = (idx, vals)
         payload = codec.encode_update(vals, self.wire_layout_id, indices=idx, total_size=self.wire_size)
         if withhold:

@@ -57,7 +57,8 @@ def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
     cfg = CollabConfig(rounds=2, model="cnn_small")
     defs = {k: P.DEFENCES[k] for k in ("none", "partial_largest_bn_local")}
     kw = dict(seed=0, cfg=cfg, defences=defs, institutions=2, n_attack_images=1, attack_steps=3,
-              worst_case_thetas=(1.0,), worst_case_steps=2, mia_n=40, chain=None)
+              worst_case_thetas=(1.0,), worst_case_steps=2, mia_n=40, chain=None, update_shadows=2,
+              update_mia_n=20)
     a, b = P.run_seed(ct, **kw), P.run_seed(ct, **kw)
     cols = ["setting", "defence", "attack", "image", "psnr", "ssim", "rank", "reid_percentile"]
     pd.testing.assert_frame_equal(a["leak"][cols], b["leak"][cols])
@@ -71,7 +72,10 @@ def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
     u = a["utility"].set_index("defence")
     assert u.loc["partial_largest_bn_local", "bn_values_per_update"] == 0
     assert u.loc["none", "bn_values_per_update"] > 0
-    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss"}
+    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss", "update_lira"}
+    lira = a["mia"][a["mia"].attack == "update_lira"]
+    assert len(lira) == 2 * 2 and set(lira.institution) == {0} and lira.n_shadow.eq(2).all()   # defences × rounds
+    assert lira["tp@1%fpr"].between(0, 20).all() and lira.auc.between(0, 1).all()
     upd = a["mia"][a["mia"].attack == "update_loss"]
     assert sorted(set(upd["round"])) == [0, 1] and sorted(set(upd.institution)) == [0, 1]
     assert len(upd) == 2 * 2 * 2 and upd.auc.between(0, 1).all()          # defences × rounds × institutions
