@@ -60,3 +60,41 @@ def test_training_charges_every_step_to_the_accountant_and_is_deterministic():
         vecs.append(model_vector(m))
         assert np.abs(vecs[-1] - start).max() > 0
     np.testing.assert_array_equal(vecs[0], vecs[1])
+
+
+def test_epsilon_on_chain_is_what_each_institutions_accountant_reports(one_thread):
+    """A DP task on the embedded chain: the ε in the task's parameters on chain is, for every
+    institution, the ε its Opacus accountant reports after every step of the task at δ = 1/n, n =
+    the sample count its updates record on chain."""
+    from medchain.data import load_dataset, partition
+    from medchain.protocol import CollabConfig, run_collaborative
+
+    ds = load_dataset("simulated:n=200,sites=2,seed=0")
+    insts = partition(ds, 2, "iid", seed=0)
+    cfg = CollabConfig(model="cnn_gn", rounds=2, batch_size=16, dp_epsilon=3.0, seed=0)
+    res = run_collaborative(insts, ds.n_classes, cfg, chain="embedded")
+    on_chain = res.institutions[0].ledger.task().params
+    assert on_chain["dp_epsilon"] == 3.0 and on_chain["dp_delta"] is None and on_chain["model"] == "cnn_gn"
+    n_on_chain = {u.sender: u.n_samples for u in res.institutions[0].ledger.updates(1)}
+    for inst in res.institutions:
+        n = n_on_chain[getattr(inst.ledger.account, "address", inst.ledger.account)]
+        assert n == len(inst.data.train)
+        spent = inst.accountant.get_epsilon(1.0 / n)
+        assert spent <= on_chain["dp_epsilon"]
+        assert spent == pytest.approx(on_chain["dp_epsilon"], abs=0.02)
+        assert sum(s for _, _, s in inst.accountant.history) == inst.dp_plan.steps == 2 * -(-n // 16)
+
+
+def test_dp_task_parameters_are_checked():
+    from medchain.data import load_dataset, partition
+    from medchain.protocol import CollabConfig, Institution
+
+    with pytest.raises(ValueError, match="dp_epsilon"):
+        CollabConfig(dp_epsilon=-1.0)
+    with pytest.raises(ValueError, match="scaffold, prox_mu or augment"):
+        CollabConfig(model="cnn_gn", dp_epsilon=1.0, prox_mu=0.1)
+    with pytest.raises(ValueError, match="dp_delta"):
+        CollabConfig(model="cnn_gn", dp_epsilon=1.0, dp_delta=1.0)
+    ds = load_dataset("simulated:n=60,sites=2,seed=0")
+    with pytest.raises(ValueError, match="cnn_gn"):
+        Institution(partition(ds, 2, "iid", seed=0)[0], ds.n_classes, CollabConfig(model="cnn", dp_epsilon=1.0), None)
