@@ -7,7 +7,7 @@ where a node's start-up time and memory go. Writes benchmarks/results/deploy.jso
 Three measurements:
 * ``startup_profile``: one fresh interpreter walks a node's start-up path step by step (command
   line, torch, the chain client (web3, eth_account), medchain's modules, its data share, the model,
-  the optimizer warm-up, one training round) and records CPU seconds, wall seconds, peak RSS and
+  one training round) and records CPU seconds, wall seconds, peak RSS and
   private memory after each step, plus the heavy packages it ended up importing;
 * ``single_node``: one ``medchain node`` process against a task already started: launch → first
   training step (wall and CPU seconds), peak RSS, PSS — a node's own start-up, nothing to wait for;
@@ -52,6 +52,7 @@ from medchain.data import save_npz  # noqa: E402
 from medchain.data.types import Dataset, ImageSet  # noqa: E402
 from medchain.node import Deployment  # noqa: E402
 from medchain.protocol import CollabConfig  # noqa: E402
+from medchain.results import git_commit  # noqa: E402
 
 
 def toy_dataset(n_inst: int, per_inst: int = 40, size: int = 12, seed: int = 0) -> Dataset:
@@ -98,7 +99,7 @@ import web3, eth_account
 from medchain.chain import LedgerClient, connect, key_from_env
 step("import chain client (web3, eth_account)")
 from medchain.blobstore import store_for
-from medchain.node import InstitutionNode, load_institution, val_accuracy
+from medchain.node import load_institution, val_accuracy
 from medchain.protocol import CollabConfig, Institution, MemoryLedger
 step("import medchain modules")
 cfg = CollabConfig(rounds=1, batch_size=32, lr=3e-3, model="cnn")
@@ -106,10 +107,6 @@ data, n_classes, _ = load_institution(args.data, args.partition, args.institutio
 step("load data share")
 inst = Institution(data, n_classes, cfg, MemoryLedger(b"\0" * 32, 1).as_account("a"), store_for(args.blobs))
 step("build model")
-node = InstitutionNode.__new__(InstitutionNode)
-node.cfg = cfg
-node._warm_up()
-step("optimizer warm-up (imports torch._dynamo)")
 delta = inst.train_round(0)
 step("first training round")
 inst.upload(0, delta)
@@ -216,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "step, 1.5-1.9 GB peak over 11-14 processes (5 clients, PneumoniaMNIST)",
         "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(), "load_average_1min_end": round(os.getloadavg()[0], 2),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

@@ -9,6 +9,10 @@ Writes benchmarks/results/training.json:
   itself, as every caller does);
 - images/s of a bare inference loop (`torch.inference_mode`, channels_last, batch 1024) against
   `training.predict_proba` and `training.evaluate` (which adds the scikit-learn metrics);
+- gradient-inversion steps per second: Inverting Gradients (mask-aware, Adam) against the update
+  the protocol posts for one image with the `cnn` (medchain.experiments.posted_update.protocol_case,
+  default task: full upload), the attack notebook 02 runs per defence and image (the full-run cost
+  estimate, medchain.costs, divides its attack steps by this rate);
 - ratios medchain / bare; `medchain --help` and `medchain --version` wall time (median of several
   runs) and peak RSS of each child process.
 
@@ -108,6 +112,23 @@ def medchain_eval(data: ImageSet, fn):
     def run() -> int:
         fn(model, data)
         return len(data)
+    return run
+
+
+def attack_steps(steps: int = 20):
+    """Inverting Gradients on the posted update of one image (see the module docstring): returns
+    run() -> attack steps done."""
+    from medchain.attacks import invert
+    from medchain.experiments.posted_update import protocol_case
+    from medchain.protocol import CollabConfig
+
+    one = random_set(1, 2)
+    case = protocol_case(one.images, one.labels, model=build_model("cnn", 1, N_CLASSES, SEED),
+                         cfg=CollabConfig(model="cnn", batch_size=BATCH), num_classes=N_CLASSES)
+
+    def run() -> int:
+        invert(case.payload, case, "ig", "mask_aware", steps=steps, seed=0, tv=1e-1)
+        return steps
     return run
 
 
@@ -218,6 +239,9 @@ def main() -> None:
     out["eval"] = measure({"bare_inference": bare_eval(test),
                            "medchain_predict_proba": medchain_eval(test, training.predict_proba),
                            "medchain_evaluate": medchain_eval(test, training.evaluate)}, args.repeats)
+    att = measure({"inverting_gradients": attack_steps()}, args.repeats)["inverting_gradients"]
+    out["attack"] = {"unit": "attack steps (one image, cnn)",
+                     **{k.replace("images_per", "steps_per"): v for k, v in att.items()}}
     tr, ev = out["train"], out["eval"]
     pairs = {"train_medchain_vs_bare_channels_last": (tr, "medchain_train_epochs", "bare_channels_last"),
              "train_medchain_vs_bare_contiguous": (tr, "medchain_train_epochs", "bare_contiguous"),
@@ -234,6 +258,7 @@ def main() -> None:
                                                            for k, v in tr.items()},
                       "eval_images_per_cpu_s_and_wall_s": {k: (round(v["images_per_cpu_s"]), round(v["images_per_s"]))
                                                           for k, v in ev.items()},
+                      "attack_steps_per_cpu_s": round(out["attack"]["steps_per_cpu_s"], 1),
                       "ratios": {k: {a: round(x, 3) for a, x in v.items()} for k, v in out["ratios"].items()},
                       "cli": {k: (round(v["wall_s_median"], 3), round(v["peak_rss_mb_max"]))
                               for k, v in out["cli"].items()},

@@ -2,6 +2,7 @@
 (present on the project's machines and in CI, absent on a user's fresh clone)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ except AnvilNotFound as exc:           # CI installs it with `npm ci` in contrac
 
 #: Tests that run a real anvil node skip cleanly, with the reason, where the binary is absent.
 needs_anvil = pytest.mark.skipif(ANVIL_MISSING is not None, reason=f"anvil not installed: {ANVIL_MISSING}")
+
+# tests train from scratch unless they point the run cache somewhere (tests/test_runcache.py)
+os.environ.setdefault("MEDCHAIN_RUN_CACHE", "off")
 
 SHARED_MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 

@@ -43,7 +43,7 @@ def test_help_and_version_work_in_a_fresh_process():
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["data", "--help"], ["train", "--help"],
                                   ["reproduce", "--help"], ["chain", "--help"], ["ledger", "show", "--help"],
-                                  ["report", "--help"]])
+                                  ["report", "--help"], ["verify", "--help"]])
 def test_help_imports_no_heavy_module(argv):
     assert _heavy_modules_imported(*argv) == []
 

@@ -1,7 +1,7 @@
 """A deployment node process stays light: what `medchain node` imports up to and through its first
 round (parse the command line, connect-side modules, load its share of the data, build the model,
-warm up the optimizer, train, encode and upload, replay the round, log the ACC) loads no pandas,
-matplotlib, scikit-image or scikit-learn. Checked in a fresh interpreter through sys.modules, with
+train, encode and upload, replay the round, log the ACC) loads no pandas,
+matplotlib, scikit-image, scikit-learn, torch._dynamo or sympy. Checked in a fresh interpreter through sys.modules, with
 the in-memory ledger in place of the chain (the chain client's own modules are imported as the node
 imports them)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from medchain.data import save_npz
 from medchain.data.types import Dataset, ImageSet
 
-FORBIDDEN = ("pandas", "matplotlib", "skimage", "sklearn", "papermill")
+FORBIDDEN = ("pandas", "matplotlib", "skimage", "sklearn", "papermill", "torch._dynamo", "sympy")
 
 NODE_PATH = r"""
 import json, sys
@@ -36,9 +36,6 @@ cfg = CollabConfig(rounds=1, batch_size=16, model="cnn")
 data, n_classes, _ = load_institution(args.data, args.partition, args.institutions, args.institution_index,
                                       seed=cfg.seed)
 inst = Institution(data, n_classes, cfg, MemoryLedger(b"\0" * 32, 1).as_account("a"), store_for(args.blobs))
-node = InstitutionNode.__new__(InstitutionNode)
-node.cfg = cfg
-node._warm_up()
 inst.upload(0, inst.train_round(0))
 inst.apply_round(0)
 acc = val_accuracy(inst.model, data.val)

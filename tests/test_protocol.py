@@ -100,12 +100,15 @@ def test_a_replayed_round_submission_is_rejected_by_the_ledger():
 
 
 def test_local_mask_coordinates_are_never_uploaded():
+    """FedPer from the policy (keep_local="fedper"): the head never goes on the ledger."""
     ledger = MemoryLedger(b"\0" * 32, 1)
     data = _insts(1)[0]
+    cfg = CollabConfig(**{**CFG.to_dict(), "keep_local": "fedper"})
     probe = Institution(data, 2, CFG, ledger.as_account("probe"))
     from medchain.params import select_names
     mask = select_names(probe.layout, include=["head.*"])
-    inst = Institution(data, 2, CFG, ledger.as_account("a"), local_mask=mask)
+    inst = Institution(data, 2, cfg, ledger.as_account("a"))
+    assert np.array_equal(inst.local_mask, mask)
     inst.upload(0, inst.train_round(0))
     rec = inst.ledger.updates(0)[0]
     dec = codec.decode_update(rec.payload or inst.store.get(rec.digest))

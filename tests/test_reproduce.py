@@ -172,7 +172,8 @@ def test_verdict_table_reads_the_verdict_schema(tmp_path):
 
 
 # ------------------------------------------------------------------ cost estimate of a full run
-from medchain import reproduce as rp  # noqa: E402
+from medchain import costs as rp  # noqa: E402
+from medchain.reproduce import list_notebooks  # noqa: E402
 
 RATES = {"train_images_per_s": 800.0, "chain_tx_per_s": 40.0}
 
@@ -180,6 +181,12 @@ RATES = {"train_images_per_s": 800.0, "chain_tx_per_s": 40.0}
 def test_work_seconds_is_training_plus_two_transactions_per_member_and_round():
     w = rp.Work(train_images=8000, chain_rounds=10, institutions=5)
     assert rp.work_seconds(w, RATES) == pytest.approx(8000 / 800 + 10 * 2 * 5 / 40)
+    a = rp.Work(train_images=8000, chain_rounds=10, institutions=5, attack_steps=600)
+    assert rp.work_seconds(a, RATES) == pytest.approx(rp.work_seconds(w, RATES))     # no rate: not timed
+    assert rp.work_seconds(a, {**RATES, "attack_steps_per_s": 30.0}) == pytest.approx(8000 / 800 + 10 * 2 * 5 / 40 + 20)
+    assert "(not timed)" in rp.format_estimate([{"notebook": "02", "work": a, "seconds": 1.0}], RATES)
+    assert "(not timed)" not in rp.format_estimate([{"notebook": "02", "work": a, "seconds": 1.0}],
+                                                   {**RATES, "attack_steps_per_s": 30.0})
 
 
 def test_n_train_images_from_the_source_parameter():
@@ -216,7 +223,7 @@ def test_cost_models_count_passes_from_the_parameters():
 
 
 def test_estimate_of_the_real_notebooks_and_its_text():
-    books = rp.list_notebooks()
+    books = list_notebooks()
     rows = rp.estimate(books, list(books), rates=RATES)
     assert [r["notebook"] for r in rows] == [p.name for p in books.values()]
     assert all(r["seconds"] > 600 for r in rows), rows          # full defaults: well beyond quick mode
@@ -243,7 +250,7 @@ def test_cli_prints_the_estimate_before_a_full_run_only(monkeypatch, capsys):
     def fake(**kw):
         print("RUN quick" if kw["quick"] else "RUN full")
         return pd.DataFrame(columns=["notebook", "claim", "verdict", "detail"])
-    monkeypatch.setattr(rp, "reproduce", fake)
+    monkeypatch.setattr("medchain.reproduce.reproduce", fake)
     assert main(["reproduce", "--only", "01,03", "--jobs", "1"]) == 0
     out = capsys.readouterr().out
     assert out.index("estimated cost") < out.index("RUN full")

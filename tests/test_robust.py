@@ -175,14 +175,14 @@ def _final_acc(rule: str, bad: dict[int, str] | None = None, chain=None, insts=N
     cfg = CollabConfig(**{**CFG.to_dict(), "aggregation": rule})
     bad = bad or {}
 
-    def kw(i):
+    def select_for(i):
         if i not in bad:
-            return {}
+            return None
         kind, _, scale = bad[i].partition(":")
-        return {"select": byzantine_select(kind, float(scale) if scale else None, seed=i)}
+        return byzantine_select(kind, float(scale) if scale else None, seed=i)
     with _one_thread():
         try:
-            res = run_collaborative(insts or _insts(), 2, cfg, chain=chain, institution_kwargs=kw)
+            res = run_collaborative(insts or _insts(), 2, cfg, chain=chain, select_for=select_for)
         except ValueError as exc:
             if "diverged" in str(exc):
                 return float("nan")
@@ -226,7 +226,7 @@ def test_oversized_updates_are_refused_on_chain_and_the_rest_aggregated():
     cfg = CollabConfig(**{**CFG.to_dict(), "rounds": 2})
     with _one_thread():
         attacked = run_collaborative(insts, 2, cfg, chain="embedded",
-                                     institution_kwargs=lambda i: {"select": byzantine_select("huge", 5e3)} if i == 0 else {})
+                                     select_for=lambda i: byzantine_select("huge", 5e3) if i == 0 else None)
         honest_only = run_collaborative(insts[1:], 2, cfg, chain=None, eval_set=None)
     assert attacked.final_digest == honest_only.final_digest
     attacker = attacked.institutions[0].ledger.account.address

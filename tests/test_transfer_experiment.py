@@ -113,7 +113,7 @@ def test_bridge_accepts_the_relayed_message_and_warm_start_copies_features():
     assert rec.signer_count == 3 and chain_b.bridge.quorum(source.chain_id, source.ledger.address) == 2
 
     # a target with another number of classes: the features arrive, the head is its own fresh one
-    net, anchor = receive_source_model(chain_b, relay.id, source.layout, MODEL, 1, 2, seed=5, method="l2sp")
+    net, anchor = receive_source_model(chain_b, relay.id, source, MODEL, 1, 2, seed=5, method="l2sp")
     fresh = build_model(MODEL, 1, 2, seed=5)
     src_state = build_model(MODEL, 1, 3, seed=99)
     from medchain.params import load_flat
@@ -134,8 +134,8 @@ def test_bridge_accepts_the_relayed_message_and_warm_start_copies_features():
     # a warm-started target task on chain B: its ledger records the warm-started initial model
     insts = split_institutions(tgt, None, fraction=0.5, seed=0)
     res = run_target(insts, tgt.n_classes, TARGET_CFG, "warm_start", chain_b, message_id=relay.id,
-                     source_layout=source.layout)
-    init, _ = receive_source_model(chain_b, relay.id, source.layout, MODEL, 1, tgt.n_classes, TARGET_CFG.seed,
+                     source=source)
+    init, _ = receive_source_model(chain_b, relay.id, source, MODEL, 1, tgt.n_classes, TARGET_CFG.seed,
                                    "warm_start")
     lay = Layout.from_module(init)
     task = LedgerClient(chain_b.w3, res.ledger_address).task()

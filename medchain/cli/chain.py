@@ -108,6 +108,24 @@ def _hex(b: bytes | None) -> str:
     return "-" if b is None else "0x" + bytes(b).hex()
 
 
+def _print_policy(task) -> None:
+    """The round policy the task's params record, by section (or why it cannot be read)."""
+    import json
+
+    from medchain.protocol import config_from_params, policy_sections
+
+    params = dict(task.params)
+    params.setdefault("rounds", int(task.n_rounds))
+    try:
+        sections = policy_sections(config_from_params(params, where="this task"))
+    except (TypeError, ValueError) as exc:
+        print(f"policy        not readable by this medchain version: {exc}")
+        return
+    for name, values in sections.items():
+        text = "  ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+        print(f"policy {name:<10}{text}")
+
+
 def _ledger_show(args: argparse.Namespace) -> int:
     from medchain.chain import LedgerClient, chain_identity, connect
 
@@ -121,6 +139,7 @@ def _ledger_show(args: argparse.Namespace) -> int:
     cap = "none" if t.max_samples == 2 ** 64 - 1 else f"{t.max_samples:,}"
     print(f"rounds        {t.n_rounds}   deadline {deadline}   quorum {t.quorum}   max samples per update {cap}")
     print(f"params        {t.params_json}")
+    _print_policy(t)
     state = "finished" if t.finished else (f"running, round {t.current_round}" if t.started else "not started")
     print(f"state         {state}")
     members = ledger.members()

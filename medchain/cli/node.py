@@ -52,11 +52,32 @@ def _add_training_args(p: argparse.ArgumentParser, rounds_default: int) -> None:
     g.add_argument("--deadline-blocks", type=NONNEG_INT, default=0,
                    help="after D blocks anyone may close a round that has --quorum updates (0: no deadline)")
     g.add_argument("--quorum", type=POS_INT, default=None, help="default: every member")
+    g.add_argument("--policy", type=Path, default=None, metavar="FILE.json",
+                   help="the round policy as a JSON object of task parameters; its keys win over the "
+                        "options above. Any CollabConfig field: keep_local (none|fedbn|fedper), bn_stats "
+                        "(shared|local), theta_u/select_rule/select_scope/gamma/sigma (partial update), prox_mu, "
+                        "init (fresh|warm_start), l2sp_beta, bridged_model ({bridge, message, model, in_chans, "
+                        "n_classes}: a model accepted by the bridge on this chain), aggregation, server_lr, ... "
+                        "An unknown key is an error")
 
 
 def _config(args):
-    from medchain.protocol import CollabConfig
-    return CollabConfig(**{f.name: getattr(args, f.name) for f in fields(CollabConfig) if hasattr(args, f.name)})
+    """The task's CollabConfig: the training options, overridden by the keys of ``--policy``."""
+    from medchain.protocol import METADATA_KEYS, CollabConfig, config_from_params
+    flags = {f.name: getattr(args, f.name) for f in fields(CollabConfig) if hasattr(args, f.name)}
+    if getattr(args, "policy", None) is None:
+        return CollabConfig(**flags)
+    try:
+        policy = json.loads(Path(args.policy).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--policy {args.policy}: cannot read a JSON object ({exc})") from None
+    if not isinstance(policy, dict):
+        raise ValueError(f"--policy {args.policy}: expected a JSON object of task parameters, got "
+                         f"{type(policy).__name__}")
+    meta = sorted(set(policy) & set(METADATA_KEYS))
+    if meta:
+        raise ValueError(f"--policy {args.policy}: {meta} are written by `task create` itself, not by the policy")
+    return config_from_params({**flags, **policy}, where=f"--policy {args.policy}")
 
 
 def _logging(level: str, prefix: str = "") -> None:

@@ -21,9 +21,10 @@ def register(sub) -> None:
 
 
 def print_estimate(only: list[str] | None, parameters: dict, jobs: int) -> None:
-    """Before a full run: its estimated cost per notebook and in total (medchain.reproduce.estimate).
+    """Before a full run: its estimated cost per notebook and in total (medchain.costs.estimate).
     A missing benchmark result only leaves the estimate out."""
-    from medchain.reproduce import estimate, format_estimate, list_notebooks, measured_rates
+    from medchain.costs import estimate, format_estimate, measured_rates
+    from medchain.reproduce import list_notebooks
 
     books = list_notebooks()
     keys = [k for k in (only or books) if k in books]

@@ -101,6 +101,7 @@ def compare_on_partition(dataset: Dataset, scheme: str, cfg: CollabConfig, *, in
                       "collaborative_round_digest": best.result.history[best.round - 1]["digest"],
                       "methods": {m: {"round": r.round, "val": r.val} for m, r in runs.items()}},
         "chain_cost": {m: r.cost for m, r in runs.items()},
+        "baselines_from_run_cache": {"centralized": cen.cached, "local_only": loc.cached},
         "curve": best.curve,
         "methods": methods,
         "correct": correct})

@@ -7,7 +7,6 @@ attacks decode and invert a payload; this module produces the payload the protoc
 """
 from __future__ import annotations
 
-import copy
 import math
 
 from torch import nn
@@ -43,8 +42,7 @@ def protocol_case(images, labels, *, model: nn.Module, cfg: CollabConfig, num_cl
         raise ValueError(f"model does not have the layout of the task's model {c.model!r} "
                          f"({sets[0].n_channels} channels, {num_classes} classes)")
     res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model,
-                            institution_kwargs=lambda i: {"init_model": copy.deepcopy(model),
-                                                          "dp_plan": dp_plan if c.dp_epsilon is not None else None})
+                            dp_plans={d.index: dp_plan for d in insts} if dp_plan is not None else None)
     inst = res.institutions[0]
     sender = getattr(inst.ledger.account, "address", inst.ledger.account)
     mine = [r for r in inst.ledger.updates(0) if r.sender == sender]

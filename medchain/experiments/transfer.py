@@ -51,25 +51,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from medchain.blobstore import BlobStore, MemoryBlobStore
 from medchain.chain import BridgeClient, deploy_bridge
-from medchain.crosschain import (MemberSigner, RelayResult, Relayer, parse_model_payload, publish_global_model,
-                                 receive)
+from medchain.crosschain import MemberSigner, RelayResult, Relayer, publish_global_model, receive
 from medchain.data import Dataset, ImageSet, InstitutionData, content_sha256, partition
-from medchain.models import build_model
 from medchain.params import Layout
-from medchain.protocol import CollabConfig, CollabResult, run_collaborative
-from medchain.transfer import l2sp_anchor, warm_start
+from medchain.protocol import CollabConfig, CollabResult, run_collaborative, start_model
 
 __all__ = [
     "METHODS", "CONTROLS", "METHOD_LABELS", "parse_arm", "arm_label", "SourceTask", "TargetChain", "TransferSweep",
     "make_tasks", "grey_to_rgb", "relabel", "split_institutions", "train_source", "source_on_target",
     "open_target_chain", "genesis_hash", "bridge_transfer",
-    "local_epochs_for", "receive_source_model", "run_target",
+    "local_epochs_for", "receive_source_model", "run_target", "target_policy",
 ]
 
 #: Target-task methods trained on chain B: no transfer, warm start of the feature extractor, L2-SP.
@@ -307,48 +304,48 @@ def local_epochs_for(institutions: list[InstitutionData], batch_size: int, min_l
     return max(base, math.ceil(min_local_steps / steps))
 
 
-def receive_source_model(chain_b: TargetChain, message_id: bytes, source_layout: Layout, model: str,
+def target_policy(cfg: CollabConfig, method: str, chain_b: TargetChain, message_id: bytes,
+                  source: SourceTask, anchor_strength: float = 0.01) -> CollabConfig:
+    """The target task's policy for ``method`` (``"warm_start"`` or ``"l2sp"``): ``cfg`` warm-started
+    from the model chain B's bridge accepted as ``message_id`` (the source task's architecture, to
+    parse it), plus, for L2-SP, the penalty of strength ``anchor_strength`` (β) toward it."""
+    ref = {"bridge": chain_b.bridge.address, "message": "0x" + bytes(message_id).hex(), "model": source.model,
+           "in_chans": int(source.n_channels), "n_classes": int(source.n_classes)}
+    return replace(cfg, init="warm_start", bridged_model=ref,
+                   l2sp_beta=float(anchor_strength) if method == "l2sp" else 0.0)
+
+
+def receive_source_model(chain_b: TargetChain, message_id: bytes, source: SourceTask, model: str,
                          n_channels: int, n_classes: int, seed: int, method: str = "warm_start"):
-    """What one target institution does on its own: receive the payload of the accepted message
-    ``message_id`` from chain B's bridge (verified against the accepted digest), parse it over the
-    source task's layout, build its own model (``model``, drawn from ``seed``: the head stays this
-    fresh one) and warm-start the feature extractor. Returns ``(model, anchor)``; the L2-SP anchor
-    (``{feature parameter name: source tensor}``) only for ``method == "l2sp"``, else None."""
-    payload = receive(chain_b.bridge.as_account(None), message_id, chain_b.store)
-    vec = parse_model_payload(payload, source_layout)
-    net = build_model(model, n_channels, n_classes, seed)
-    warm_start(net, vec, source_layout)
-    anchor = l2sp_anchor(vec, source_layout, net) if method == "l2sp" else None
-    return net, anchor
+    """What one target institution does on its own (:func:`medchain.protocol.start_model`): receive
+    the payload of the accepted message ``message_id`` from chain B's bridge (verified against the
+    accepted digest), parse it over the source task's layout, build its own model (``model``,
+    drawn from ``seed``: the head stays this fresh one) and warm-start the feature extractor.
+    Returns ``(model, anchor)``; the L2-SP anchor (``{feature parameter name: source tensor}``)
+    only for ``method == "l2sp"``, else None."""
+    cfg = target_policy(CollabConfig(model=model, seed=seed), method, chain_b, message_id, source)
+    return start_model(cfg, n_channels, n_classes, w3=chain_b.w3, store=chain_b.store)
 
 
 def run_target(institutions: list[InstitutionData], n_classes: int, cfg: CollabConfig, method: str,
-               chain_b: TargetChain, *, message_id: bytes | None = None, source_layout: Layout | None = None,
+               chain_b: TargetChain, *, message_id: bytes | None = None, source: SourceTask | None = None,
                anchor_strength: float = 0.01, quiet: bool = True) -> CollabResult:
     """Collaborative training of the target task on chain B with ``method`` ∈ :data:`METHODS`.
 
-    With transfer, every institution receives the bridged payload itself (``message_id`` on chain
-    B's bridge, ``source_layout``: the source task's model layout) and starts from the warm-started
-    model — also the task's initial model recorded on the new ledger; ``"l2sp"`` adds the penalty
-    of strength ``anchor_strength`` (β) toward the source's feature weights in every local step."""
+    With transfer, the task's policy (:func:`target_policy`) names the bridged message
+    (``message_id`` on chain B's bridge, from ``source``): every institution receives the payload
+    itself, verifies it and starts from the warm-started model — also the task's initial model
+    recorded on the new ledger; ``"l2sp"`` adds the penalty of strength ``anchor_strength`` (β)
+    toward the source's feature weights in every local step. The task's blob store holds the
+    bridged payload, as the relayer leaves it in chain B's store."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    store = MemoryBlobStore()
     if method == "none":
-        return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=MemoryBlobStore(),
-                                 quiet=quiet)
-    if message_id is None or source_layout is None:
-        raise ValueError(f"method {method!r} needs the bridge message_id and the source_layout")
-    n_ch = institutions[0].train.n_channels
-    # the target task's initial model (recorded on its ledger): what every institution will build
-    initial, _ = receive_source_model(chain_b, message_id, source_layout, cfg.model, n_ch, n_classes, cfg.seed)
-
-    def kwargs(idx: int) -> dict:   # each institution receives, verifies and warm-starts on its own
-        net, anchor = receive_source_model(chain_b, message_id, source_layout, cfg.model, n_ch, n_classes,
-                                           cfg.seed, method)
-        out = {"init_model": net}
-        if anchor is not None:
-            out.update(anchor=anchor, anchor_strength=anchor_strength)
-        return out
-
-    return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=MemoryBlobStore(),
-                             quiet=quiet, institution_kwargs=kwargs, initial_model=initial)
+        return run_collaborative(institutions, n_classes, cfg, chain=chain_b.w3, store=store, quiet=quiet)
+    if message_id is None or source is None:
+        raise ValueError(f"method {method!r} needs the bridge message_id and the source task")
+    store.put(receive(chain_b.bridge.as_account(None), message_id, chain_b.store))
+    return run_collaborative(institutions, n_classes,
+                             target_policy(cfg, method, chain_b, message_id, source, anchor_strength),
+                             chain=chain_b.w3, store=store, quiet=quiet)

@@ -153,7 +153,7 @@ def run_sweep(sources, target_ds: Dataset, cfg: CollabConfig, *,
                     src = sources.get(rel)
                     res = run_target(insts, target_ds.n_classes, run_cfg, method, chain_b,
                                      message_id=relays[rel].id if rel else None,
-                                     source_layout=src.layout if src else None,
+                                     source=src,
                                      anchor_strength=anchor_strength, quiet=quiet)
                     history = res.history
                     run.update(ledger_address=res.ledger_address, chain_identity=res.chain_identity,
@@ -179,7 +179,7 @@ def _control(method, source: SourceTask, relay, chain_b, insts, test, target_ds,
     if method == "as_is":
         return source_on_target(source, replace(target_ds, test=test))
     if method == "probe":   # the relayed model, received and digest-checked like every chain-B member does
-        net, _ = receive_source_model(chain_b, relay.id, source.layout, cfg.model, insts[0].train.n_channels,
+        net, _ = receive_source_model(chain_b, relay.id, source, cfg.model, insts[0].train.n_channels,
                                       target_ds.n_classes, cfg.seed)
         return linear_probe(net, _pooled_train(insts), test, target_ds.n_classes, seed=cfg.seed)
     return pooled_multitask(source.data.train, source.n_classes, _pooled_train(insts), target_ds.n_classes, test,

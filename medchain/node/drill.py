@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medchain.attacks.byzantine import check_byzantine
+from medchain.blobstore import store_for
 from medchain.chain import connect, dev_accounts
 from medchain.chain.anvil import AnvilNode
 from medchain.data import load_dataset, partition as split, save_npz
@@ -160,7 +161,7 @@ class Deployment(DrillResults):
         admin, members = self.accounts[0], self.accounts[1:]
         self.ledger = create_task(self.w3, admin, self.cfg, [m.address for m in members], n_classes=n_classes,
                                   in_chans=in_chans, deadline_blocks=self.deadline_blocks, quorum=self.quorum,
-                                  start=start)
+                                  start=start, store=store_for(self.blobs))
         self.nodes = [self._node_process(i) for i in range(self.n)]
         return self.ledger.address
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from medchain.attacks.byzantine import BEHAVIOURS
 from medchain.chain import (AlreadyAttested, AlreadySubmitted, LedgerClient, LedgerError, LedgerTimeout,
@@ -21,7 +20,6 @@ from medchain.node.hostile import HostileActs
 from medchain.node.report import NodeReporting, NodeResult, RoundRecord
 from medchain.node.task import NodeError, config_from_task
 from medchain.protocol import AttestationMismatchError, Institution, check_attestations
-from medchain.training import make_optimizer
 
 log = logging.getLogger("medchain.node")
 
@@ -282,16 +280,9 @@ class InstitutionNode(AvailabilityDuty, HostileActs, NodeReporting):
         except LedgerError as exc:   # someone else closed it first, or the next round is not due
             log.debug("close_round for round %d refused: %s", r, exc)
 
-    def _warm_up(self) -> None:
-        """Build one optimizer before the first round: torch imports torch._dynamo lazily on the
-        first optimizer (seconds), which would otherwise land in round 0's training time (and
-        could miss a round deadline)."""
-        make_optimizer([torch.nn.Parameter(torch.zeros(1))], self.cfg.train_config())
-
     # -------------------------------------------------------------- run
     def run(self) -> NodeResult:
         self._resilient(self._setup)
-        self._warm_up()
         self.ready_s = round(time.time() - self._process_start, 3)
         log.info("ready %.1f s after process start", self.ready_s)
         self._write_metrics({"event": "ready", "ready_s": self.ready_s})

@@ -4,14 +4,12 @@ institution's share of the data (:func:`load_institution`)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 from medchain.chain import deploy_ledger
 from medchain.chain.ledger import member_address
 from medchain.data import load_dataset, partition
-from medchain.models import build_model
 from medchain.params import Layout, digest_vector, model_vector
-from medchain.protocol import CollabConfig
+from medchain.protocol import CollabConfig, config_from_params, start_model, task_params
 
 log = logging.getLogger("medchain.node")
 
@@ -21,33 +19,29 @@ class NodeError(RuntimeError):
 
 
 def config_from_task(task) -> CollabConfig:
-    """The :class:`CollabConfig` recorded in a ledger's ``task().params`` (keys that are not
-    CollabConfig fields, such as ``layout_id``, are ignored)."""
+    """The :class:`CollabConfig` (the round policy) recorded in a ledger's ``task().params``, parsed
+    strictly (:func:`medchain.protocol.config_from_params`: an unknown key is an error)."""
     params = dict(task.params)
     if "_unparsed" in params:
         raise NodeError(f"the task params of ledger {task.address} are not valid JSON; is this a "
                         "medchain task?")
-    names = {f.name for f in fields(CollabConfig)}
-    kw = {k: v for k, v in params.items() if k in names}
-    if "rounds" not in kw:
-        kw["rounds"] = int(task.n_rounds)
-    cfg = CollabConfig(**kw)
+    params.setdefault("rounds", int(task.n_rounds))
+    try:
+        cfg = config_from_params(params, where=f"ledger {task.address}")
+    except (TypeError, ValueError) as exc:
+        raise NodeError(str(exc)) from None
     if cfg.rounds != task.n_rounds:
         raise NodeError(f"ledger {task.address}: params say rounds={cfg.rounds} but the ledger has "
                         f"{task.n_rounds} rounds")
     return cfg
 
 
-def task_params(cfg, layout, n_classes: int, in_chans: int) -> dict:
-    """What a task records on chain: the CollabConfig, the model layout id, classes and channels."""
-    return {**cfg.to_dict(), "layout_id": layout.layout_id_hex, "n_classes": int(n_classes),
-            "in_chans": int(in_chans)}
-
-
 def create_task(w3, admin, cfg, members: list[str], *, n_classes: int, in_chans: int = 1,
-                deadline_blocks: int = 0, quorum: int = 1, start: bool = True):
-    """Deploy a TaskLedger for ``cfg`` (the initial model is ``cfg.model`` drawn from
-    ``cfg.seed``), add ``members`` and start it. Returns the admin's LedgerClient.
+                deadline_blocks: int = 0, quorum: int = 1, start: bool = True, store=None):
+    """Deploy a TaskLedger for ``cfg`` (the initial model is the one its policy prescribes:
+    :func:`medchain.protocol.start_model` — ``cfg.model`` drawn from ``cfg.seed``, or warm-started
+    from the model the bridge on ``w3``'s chain accepted, payload from ``store`` unless inline),
+    add ``members`` and start it. Returns the admin's LedgerClient.
 
     Everything is checked before the first transaction (no orphan contract on a bad argument):
     ``cfg`` (its own checks), member addresses (hex, EIP-55 checksum when mixed-case, no zero
@@ -69,7 +63,7 @@ def create_task(w3, admin, cfg, members: list[str], *, n_classes: int, in_chans:
     if cfg.max_samples is None and cfg.aggregation.split(":")[0] == "mean":
         log.warning("no max_samples cap: with rule 'mean' a member reporting a huge sample count would "
                     "outweigh all others; pass --max-samples (the largest member's training set size)")
-    model = build_model(cfg.model, in_chans, n_classes, cfg.seed)
+    model = start_model(cfg, in_chans, n_classes, w3=w3, store=store)[0]
     layout = Layout.from_module(model)
     init = digest_vector(model_vector(model, layout), layout)
     return deploy_ledger(w3, admin, cfg.model, init, cfg.rounds,
