@@ -91,7 +91,7 @@ def test_dp_task_parameters_are_checked():
 
     with pytest.raises(ValueError, match="dp_epsilon"):
         CollabConfig(dp_epsilon=-1.0)
-    with pytest.raises(ValueError, match="scaffold, prox_mu or augment"):
+    with pytest.raises(ValueError, match="scaffold, prox_mu, l2sp_beta or augment"):
         CollabConfig(model="cnn_gn", dp_epsilon=1.0, prox_mu=0.1)
     with pytest.raises(ValueError, match="dp_delta"):
         CollabConfig(model="cnn_gn", dp_epsilon=1.0, dp_delta=1.0)
