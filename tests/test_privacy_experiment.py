@@ -163,3 +163,35 @@ def test_bn_statistics_policy_decoding_every_payload_on_the_ledger(ct, theta):
         else:
             assert np.array_equal(vec, inst0.global_vec)
         assert 0 <= res.history[-1]["acc"] <= 1
+
+
+def test_each_defence_is_costed_against_its_own_models_no_defence_run():
+    cfg = CollabConfig()
+    refs = {k: P.reference_of(k, P.DEFENCES, cfg) for k in P.DEFENCES}
+    assert refs["none"] == "none" and refs["partial_largest"] == "none" and refs["bn_local"] == "none"
+    assert refs["dp_eps1"] == refs["dp_eps3"] == refs["dp_eps8"] == refs["none_gn"] == "none_gn"
+    assert {P._config(cfg, P.DEFENCES[k]).dp_epsilon for k in ("dp_eps8", "dp_eps3", "dp_eps1")} == {8.0, 3.0, 1.0}
+    assert P.reference_of("dp_eps3", {"dp_eps3": P.DEFENCES["dp_eps3"]}, cfg) is None
+
+
+def test_proportion_is_the_clopper_pearson_interval():
+    p = S.proportion(0, 10)
+    assert p["rate"] == 0 and p["ci_low"] == 0 and p["ci_high"] == pytest.approx(1 - 0.025 ** 0.1, rel=1e-9)
+    q = S.proportion(10, 10)
+    assert q["ci_high"] == 1 and q["ci_low"] == pytest.approx(0.025 ** 0.1, rel=1e-9)
+    assert S.proportion(0, 0)["rate"] is None
+
+
+def test_summary_pools_update_lira_counts_and_uses_family_references():
+    runs = [_fake_seed(s, 0.80, 0.79, 0.9, 0.5) for s in range(3)]
+    for r in runs:
+        r["mia"] = pd.concat([r["mia"], pd.DataFrame([
+            {"defence": d, "attack": "update_lira", "auc": 0.6, "tpr@1%fpr": 0.05, "tpr@0.1%fpr": 0.0,
+             "tp@1%fpr": 5, "tp@0.1%fpr": 0, "n_members": 100, "n_shadow": 4, "seed": r["seed"]}
+            for d in ("none", "partial_largest")])], ignore_index=True)
+    out = S.summarize_seeds(runs, references={"none": "none", "partial_largest": None})
+    lira = out["per_defence"]["none"]["mia"]["update_lira"]
+    assert lira["pooled_tpr@1%fpr"]["k"] == 15 and lira["pooled_tpr@1%fpr"]["n"] == 300
+    assert lira["pooled_tpr@1%fpr"]["ci_low"] < 0.05 < lira["pooled_tpr@1%fpr"]["ci_high"] and lira["n_shadow"] == 4
+    assert "acc_minus_reference" not in out["per_defence"]["partial_largest"]
+    assert "pooled_tpr@1%fpr" not in out["per_defence"]["none"]["mia"]["loss"]
