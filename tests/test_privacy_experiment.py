@@ -119,6 +119,7 @@ def test_summarize_seeds_decides_cost_attack_check_and_reidentification():
     assert v["verdict"] != "holds"
     reid = [d for d in v["decisions"] if d["metric"] == "reid"][0]
     assert reid["verdict"] == "inconclusive" and "no protection can be shown" in reid["reason"]
+    assert v["verdict"] == "inconclusive"           # a failed attack check leaves the claim open, not failed
     assert S.summarize_seeds(protected[:1])["verdict"]["verdict"] == "inconclusive"
     with pytest.raises(ValueError, match="was not run"):
         S.summarize_seeds(protected, decide="partial_random")

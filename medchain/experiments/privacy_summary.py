@@ -88,7 +88,8 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
     ``reference`` non-inferior within ``acc_tolerance`` (ACC decides); ``attack_check``: the
     strongest protocol attack's mean re-identification percentile on ``reference`` above 0.5
     (chance); ``reid``: 0.5 − the percentile on ``decide`` non-inferior within ``reid_tolerance``
-    (no better than chance) — inconclusive whenever the attack check does not hold.
+    (no better than chance) — inconclusive whenever the attack check does not hold, and then the
+    check itself does not decide (a broken attack shows nothing either way).
     ``references``: defence → its own model's no-defence run for the ACC cost in ``per_defence``
     (default: ``reference`` for all). Membership rows with member counts (``tp@1%fpr``) also get
     the TPR pooled over seeds and rounds with its Clopper–Pearson interval.
@@ -119,7 +120,9 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
         f"claim 2 ({decide}): the defence leaves re-identification of a patient from the posted update no "
         f"better than chance (within {100 * reid_tolerance:g} percentile points) at ≤ {100 * acc_tolerance:g} "
         f"points of ACC cost against {reference}",
-        decisions, deciding_metric=("acc", "attack_check", "reid"),
+        # an attack that fails on the unprotected update cannot make the claim fail: it leaves the
+        # protection unshown (reid inconclusive above), unless the defence's own update leaks
+        decisions, deciding_metric=("acc", "attack_check", "reid") if check.verdict == "holds" else ("acc", "reid"),
         why_metric="ACC for the cost; re-identification of the true patient among all training images for the "
                    "leakage (judged against chance), after checking that the attack works on the unprotected update")
     table = leakage_table(leak)
