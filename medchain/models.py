@@ -40,24 +40,30 @@ def create_model(name: str = "cnn", in_chans: int = 1, num_classes: int = 2, **k
     return _REGISTRY[name](in_chans=in_chans, num_classes=num_classes, **kwargs)
 
 
-def _conv_block(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_block(cin: int, cout: int, norm: str = "batch") -> list[nn.Module]:
+    layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
+    # in-place ReLU after GroupNorm would modify a view Opacus's backward hooks hand on
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(inplace=norm == "batch")]
 
 
 class SmallCNN(nn.Module):
     """Five 3×3 conv layers with BatchNorm, two max-pools, global average pooling, one hidden
     linear layer and a linear head: about 106k parameters for 1 channel and 3 classes.
+    norm: "batch" (BatchNorm) or "group" (GroupNorm, 8 groups: no running statistics and no
+    coupling between the images of a batch — what per-sample DP-SGD needs; ReLUs not in place).
     Input (B, C, H, W) float, any H, W ≥ 4; output logits (B, num_classes)."""
 
-    def __init__(self, in_chans: int = 1, num_classes: int = 2, width: int = 32):
+    def __init__(self, in_chans: int = 1, num_classes: int = 2, width: int = 32, norm: str = "batch"):
         super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
         w = width
         self.features = nn.Sequential(
-            *_conv_block(in_chans, w), *_conv_block(w, w), nn.MaxPool2d(2),
-            *_conv_block(w, 2 * w), *_conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
-            *_conv_block(2 * w, 2 * w),
+            *_conv_block(in_chans, w, norm), *_conv_block(w, w, norm), nn.MaxPool2d(2),
+            *_conv_block(w, 2 * w, norm), *_conv_block(2 * w, 2 * w, norm), nn.MaxPool2d(2),
+            *_conv_block(2 * w, 2 * w, norm),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(2 * w, 2 * w), nn.ReLU(inplace=True),
+            nn.Linear(2 * w, 2 * w), nn.ReLU(inplace=norm == "batch"),
         )
         self.head = nn.Linear(2 * w, num_classes)
 
@@ -87,6 +93,13 @@ class LeNet(nn.Module):
 @register_model("cnn")
 def _cnn(in_chans: int, num_classes: int, **kw) -> nn.Module:
     return SmallCNN(in_chans, num_classes, **kw)
+
+
+@register_model("cnn_gn")
+def _cnn_gn(in_chans: int, num_classes: int, **kw) -> nn.Module:
+    """SmallCNN with GroupNorm instead of BatchNorm (same convolutions and parameter count):
+    the ``cnn`` family's member for DP-SGD (claim 2), which needs per-sample gradients."""
+    return SmallCNN(in_chans, num_classes, **{"norm": "group", **kw})
 
 
 @register_model("cnn_small")

@@ -8,6 +8,7 @@ disk with what the artifacts give, so a test can hold RESULTS.md to them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from medchain.stats import format_difference
@@ -216,6 +217,36 @@ def method_lines(run: dict) -> list[str]:
     return rows
 
 
+def _fmt(x, spec: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def leakage_lines(run: dict) -> list[str]:
+    """Claim 2 runs with per-defence leakage: the strongest protocol attack's median / worst PSNR
+    and SSIM (the mean image's median PSNR beside), re-identification at rank 1 against chance and
+    the mean percentile (0.5 = chance), and membership inference on the posted updates (LiRA with
+    shadow updates where run: AUC mean over seeds, TPR at 1 % FPR pooled with its interval)."""
+    s = run["summary"]
+    if s["claim"] != 2 or not isinstance(s.get("per_defence"), dict):
+        return []
+    rows = []
+    for name, d in s["per_defence"].items():
+        lk = d.get("leakage") if isinstance(d, dict) else None
+        if not lk:
+            continue
+        mia = (d.get("mia") or {}).get("update_lira") or (d.get("mia") or {}).get("update_loss") or {}
+        pooled = mia.get("pooled_tpr@1%fpr") or {}
+        tpr = (f"{pooled['rate']:.3f} [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}] ({pooled['k']}/{pooled['n']})"
+               if pooled.get("rate") is not None else _fmt((mia.get("tpr@1%fpr") or {}).get("mean")))
+        model = (d.get("settings") or {}).get("model", "")
+        rows.append(f"| {run['run']} | {name} | {model} | {lk['n_images']} | {lk['psnr_median']:.1f} / {lk['psnr_worst']:.1f} "
+                    f"({lk['mean_image_psnr_median']:.1f}) | {lk['ssim_median']:.3f} / {lk['ssim_worst']:.3f} | "
+                    f"{lk['reid_rank1_rate']:.3f} vs {lk['chance_rank1']:.4f} | {lk['reid_percentile_mean']:.3f} | "
+                    f"{'update_lira' if 'pooled_tpr@1%fpr' in mia else 'update_loss'} {_fmt((mia.get('auc') or {}).get('mean'))} | "
+                    f"{tpr} |")
+    return rows
+
+
 def sweep_lines(run: dict) -> list[str]:
     """Claim 4 runs with a heterogeneity sweep: for which settings the best personalization beats
     the matching reference and local-only (balanced ACC), and how large the test sets were."""
@@ -273,6 +304,15 @@ def render(root: str | Path) -> str:
                            "| BN distance | upload MB / round | update gas / round | chosen in seeds |\n"
                            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
                 out.extend(per_method)
+                out.append("")
+            leaks = [line for r in multi for line in leakage_lines(r)]
+            if leaks:
+                out.append("Leakage of the posted updates per defence (strongest attack; PSNR median / worst image, "
+                           "in brackets the mean image's median; re-identification at rank 1 against chance 1/N; "
+                           "membership inference on the per-round updates):\n")
+                out.append("| run | defence | model | images | PSNR dB | SSIM | re-id rank 1 | re-id percentile "
+                           "(0.5 chance) | MIA AUC | TPR@1%FPR |\n|---|---|---|---|---|---|---|---|---|---|")
+                out.extend(leaks)
                 out.append("")
             sweeps = [line for r in multi for line in sweep_lines(r)]
             if sweeps:

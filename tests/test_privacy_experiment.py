@@ -57,7 +57,8 @@ def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
     cfg = CollabConfig(rounds=2, model="cnn_small")
     defs = {k: P.DEFENCES[k] for k in ("none", "partial_largest_bn_local")}
     kw = dict(seed=0, cfg=cfg, defences=defs, institutions=2, n_attack_images=1, attack_steps=3,
-              worst_case_thetas=(1.0,), worst_case_steps=2, mia_n=40, chain=None)
+              worst_case_thetas=(1.0,), worst_case_steps=2, mia_n=40, chain=None, update_shadows=2,
+              update_mia_n=20)
     a, b = P.run_seed(ct, **kw), P.run_seed(ct, **kw)
     cols = ["setting", "defence", "attack", "image", "psnr", "ssim", "rank", "reid_percentile"]
     pd.testing.assert_frame_equal(a["leak"][cols], b["leak"][cols])
@@ -71,7 +72,10 @@ def test_run_seed_same_seed_same_numbers_and_every_defence_scored(ct):
     u = a["utility"].set_index("defence")
     assert u.loc["partial_largest_bn_local", "bn_values_per_update"] == 0
     assert u.loc["none", "bn_values_per_update"] > 0
-    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss"}
+    assert set(a["mia"].defence) == set(defs) and set(a["mia"].attack) == {"loss", "update_loss", "update_lira"}
+    lira = a["mia"][a["mia"].attack == "update_lira"]
+    assert len(lira) == 2 * 2 and set(lira.institution) == {0} and lira.n_shadow.eq(2).all()   # defences × rounds
+    assert lira["tp@1%fpr"].between(0, 20).all() and lira.auc.between(0, 1).all()
     upd = a["mia"][a["mia"].attack == "update_loss"]
     assert sorted(set(upd["round"])) == [0, 1] and sorted(set(upd.institution)) == [0, 1]
     assert len(upd) == 2 * 2 * 2 and upd.auc.between(0, 1).all()          # defences × rounds × institutions
@@ -115,6 +119,7 @@ def test_summarize_seeds_decides_cost_attack_check_and_reidentification():
     assert v["verdict"] != "holds"
     reid = [d for d in v["decisions"] if d["metric"] == "reid"][0]
     assert reid["verdict"] == "inconclusive" and "no protection can be shown" in reid["reason"]
+    assert v["verdict"] == "inconclusive"           # a failed attack check leaves the claim open, not failed
     assert S.summarize_seeds(protected[:1])["verdict"]["verdict"] == "inconclusive"
     with pytest.raises(ValueError, match="was not run"):
         S.summarize_seeds(protected, decide="partial_random")
@@ -159,3 +164,35 @@ def test_bn_statistics_policy_decoding_every_payload_on_the_ledger(ct, theta):
         else:
             assert np.array_equal(vec, inst0.global_vec)
         assert 0 <= res.history[-1]["acc"] <= 1
+
+
+def test_each_defence_is_costed_against_its_own_models_no_defence_run():
+    cfg = CollabConfig()
+    refs = {k: P.reference_of(k, P.DEFENCES, cfg) for k in P.DEFENCES}
+    assert refs["none"] == "none" and refs["partial_largest"] == "none" and refs["bn_local"] == "none"
+    assert refs["dp_eps1"] == refs["dp_eps3"] == refs["dp_eps8"] == refs["none_gn"] == "none_gn"
+    assert {P._config(cfg, P.DEFENCES[k]).dp_epsilon for k in ("dp_eps8", "dp_eps3", "dp_eps1")} == {8.0, 3.0, 1.0}
+    assert P.reference_of("dp_eps3", {"dp_eps3": P.DEFENCES["dp_eps3"]}, cfg) is None
+
+
+def test_proportion_is_the_clopper_pearson_interval():
+    p = S.proportion(0, 10)
+    assert p["rate"] == 0 and p["ci_low"] == 0 and p["ci_high"] == pytest.approx(1 - 0.025 ** 0.1, rel=1e-9)
+    q = S.proportion(10, 10)
+    assert q["ci_high"] == 1 and q["ci_low"] == pytest.approx(0.025 ** 0.1, rel=1e-9)
+    assert S.proportion(0, 0)["rate"] is None
+
+
+def test_summary_pools_update_lira_counts_and_uses_family_references():
+    runs = [_fake_seed(s, 0.80, 0.79, 0.9, 0.5) for s in range(3)]
+    for r in runs:
+        r["mia"] = pd.concat([r["mia"], pd.DataFrame([
+            {"defence": d, "attack": "update_lira", "auc": 0.6, "tpr@1%fpr": 0.05, "tpr@0.1%fpr": 0.0,
+             "tp@1%fpr": 5, "tp@0.1%fpr": 0, "n_members": 100, "n_shadow": 4, "seed": r["seed"]}
+            for d in ("none", "partial_largest")])], ignore_index=True)
+    out = S.summarize_seeds(runs, references={"none": "none", "partial_largest": None})
+    lira = out["per_defence"]["none"]["mia"]["update_lira"]
+    assert lira["pooled_tpr@1%fpr"]["k"] == 15 and lira["pooled_tpr@1%fpr"]["n"] == 300
+    assert lira["pooled_tpr@1%fpr"]["ci_low"] < 0.05 < lira["pooled_tpr@1%fpr"]["ci_high"] and lira["n_shadow"] == 4
+    assert "acc_minus_reference" not in out["per_defence"]["partial_largest"]
+    assert "pooled_tpr@1%fpr" not in out["per_defence"]["none"]["mia"]["loss"]

@@ -21,7 +21,7 @@ from medchain.protocol import CollabConfig, run_collaborative
 
 
 def protocol_case(images, labels, *, model: nn.Module, cfg: CollabConfig, num_classes: int,
-                  others: tuple = (), chain=None) -> InversionCase:
+                  others: tuple = (), chain=None, dp_plan=None) -> InversionCase:
     """The update the protocol really posts: a one-round task (``cfg`` with rounds = 1 and a
     constant lr) in which the target institution holds ``images`` (B, H, W[, C]) uint8 /
     ``labels`` (B,) and each further institution one ``(images, labels)`` of ``others``; every
@@ -30,6 +30,8 @@ def protocol_case(images, labels, *, model: nn.Module, cfg: CollabConfig, num_cl
     optimizer, BN recalibration, θu / rule / γ / σ, BN-statistics policy). The payload is read back
     from the ledger (``chain=None``: the in-memory ledger; ``"embedded"`` or a URL: a chain) and
     the blob store, as any member reads it; the public information comes from the task parameters.
+    dp_plan: with a DP-SGD task, the plan of the institution the target stands in for (its real
+    noise multiplier and clip bound; the one-round task alone would calibrate other noise).
     """
     x, y = as_batch(images, labels)
     c = CollabConfig(**{**cfg.to_dict(), "rounds": 1, "lr_floor": 1.0})
@@ -39,7 +41,8 @@ def protocol_case(images, labels, *, model: nn.Module, cfg: CollabConfig, num_cl
     if Layout.from_module(build_model(c.model, sets[0].n_channels, num_classes, 0)) != layout:
         raise ValueError(f"model does not have the layout of the task's model {c.model!r} "
                          f"({sets[0].n_channels} channels, {num_classes} classes)")
-    res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model)
+    res = run_collaborative(insts, num_classes, c, chain=chain, eval_set=sets[0], initial_model=model,
+                            dp_plans={d.index: dp_plan for d in insts} if dp_plan is not None else None)
     inst = res.institutions[0]
     sender = getattr(inst.ledger.account, "address", inst.ledger.account)
     mine = [r for r in inst.ledger.updates(0) if r.sender == sender]

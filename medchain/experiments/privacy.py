@@ -20,11 +20,18 @@ defence run on the same partition and seeds:
 * :func:`worst_case_leakage` — the labelled upper bound of the literature: one image, one gradient
   step of an untrained sigmoid LeNet (:meth:`InversionCase.worst_case`), iDLG.
 * :func:`membership_sweep` — membership inference on each defence's final global model (Yeom's
-  loss attack; LiRA with centrally trained shadows when asked); :func:`update_membership` — on the
-  per-round, per-institution updates the chain shows (loss-difference attack, no shadows).
+  loss attack; LiRA with centrally trained shadows when asked); on the per-round, per-institution
+  updates the chain shows: the loss-difference attack and LiRA with shadow updates trained the
+  same federated way (:mod:`medchain.experiments.update_membership`).
+
+DP-SGD (``dp_epsilon``, :mod:`medchain.dp`) needs a model without BatchNorm: its points and their
+no-defence reference ``none_gn`` use the ``cnn_gn`` (the cnn with GroupNorm); the other defences
+the BatchNorm ``cnn`` the task trains. Each defence's ACC cost is taken against the no-defence run
+of its own model (:func:`reference_of`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Sequence
 
@@ -34,8 +41,9 @@ import torch
 
 from medchain.attacks import (InversionCase, NothingToInvert, decode_target, invert, logit_confidence,
                               loss_attack, mia_metrics)
-from medchain.attacks.membership import lira_scores, update_loss_attack
+from medchain.attacks.membership import lira_scores
 from medchain.experiments.posted_update import protocol_case
+from medchain.experiments.update_membership import update_lira, update_membership
 from medchain.data.types import ImageSet, InstitutionData
 from medchain.metrics import psnr as psnr_fn
 from medchain.metrics import reidentification_rank
@@ -46,7 +54,7 @@ from medchain.privacy import trainable_mask
 from medchain.protocol import CollabConfig, run_collaborative
 from medchain.training import TrainConfig, to_tensor, train_epochs
 
-__all__ = ["DEFENCES", "defence_runs", "pick_images", "protocol_leakage", "worst_case_leakage",
+__all__ = ["DEFENCES", "reference_of", "defence_runs", "pick_images", "protocol_leakage", "worst_case_leakage",
            "membership_sweep", "update_membership", "mean_image", "run_seed", "ATTACK_BUDGET"]
 
 #: The defences compared on the same chain and seeds (CollabConfig overrides).
@@ -58,6 +66,12 @@ DEFENCES = {
     "partial_largest_bn_local": {"theta_u": 0.1, "select_rule": "largest", "bn_stats": "local"},
     "partial_clip_noise": {"theta_u": 0.1, "select_rule": "largest", "gamma": 1e-3, "sigma": 1e-3,
                            "bn_stats": "local"},
+    # DP-SGD needs per-sample gradients, which BatchNorm does not have: the DP points and their own
+    # no-defence reference use the cnn with GroupNorm (same convolutions and size, no statistics)
+    "none_gn": {"model": "cnn_gn", "theta_u": 1.0},
+    "dp_eps8": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 8.0},
+    "dp_eps3": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 3.0},
+    "dp_eps1": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 1.0},
 }
 
 #: What the literature spends per image, for the record (Geiping et al. 2020: 24 000 Adam
@@ -88,6 +102,18 @@ def pick_images(data: ImageSet, n: int, seed: int = 0) -> np.ndarray:
         if k > n * len(by_class) + len(data):
             break
     return np.array(out, dtype=np.int64)
+
+
+def reference_of(name: str, defences: dict, cfg: CollabConfig) -> str | None:
+    """The no-defence run of ``name``'s model among ``defences`` (θu = 1, no γ / σ / DP, BN
+    statistics shared), or None when there is none."""
+    model = _config(cfg, defences[name]).model
+    for other, over in defences.items():
+        c = _config(cfg, over)
+        if (c.model == model and c.theta_u == 1 and c.gamma is None and not c.sigma and c.dp_epsilon is None
+                and c.bn_stats == "shared"):
+            return other
+    return None
 
 
 def _config(cfg: CollabConfig, overrides: dict) -> CollabConfig:
@@ -128,8 +154,13 @@ def defence_runs(institutions: list[InstitutionData], n_classes: int, cfg: Colla
         n_vals = [len(i.last_upload[1]) for i in res.institutions]
         n_bn = [int(buffers.sum()) if ix is None else int(buffers[ix].sum())    # None: all shared
                 for ix in (i.last_upload[0] for i in res.institutions)]
+        spent = [i.accountant.get_epsilon(i.dp_plan.delta) for i in res.institutions if i.dp_plan is not None]
         rows.append({"defence": name, **{k: over.get(k, c.to_dict()[k]) for k in
-                                         ("theta_u", "select_rule", "gamma", "sigma", "bn_stats")},
+                                         ("model", "theta_u", "select_rule", "gamma", "sigma", "bn_stats",
+                                          "dp_epsilon")},
+                     "dp_epsilon_spent": max(spent) if spent else None,
+                     "dp_noise_multiplier": float(np.mean([i.dp_plan.noise_multiplier for i in res.institutions]))
+                     if spent else None,
                      "acc": last["acc"], "balanced_acc": last.get("balanced_acc"), "auc": last["auc"],
                      "loss": last.get("loss"), "rounds": len(res.history),
                      "values_per_update": float(np.mean(n_vals)), "bn_values_per_update": float(np.mean(n_bn)),
@@ -157,11 +188,13 @@ def _score(rec_u8: np.ndarray, orig: np.ndarray, true_index: np.ndarray, pool: n
 
 def protocol_leakage(train: ImageSet, n_classes: int, models: dict, cfg: CollabConfig, defences: dict,
                      image_idx: np.ndarray, *, steps: int = 200, bn_prior: float = 1.0,
-                     chain: str | None = None, seed: int = 0, keep_recon: bool = False
-                     ) -> tuple[list[dict], dict]:
+                     chain: str | None = None, seed: int = 0, keep_recon: bool = False,
+                     dp_plans: dict | None = None) -> tuple[list[dict], dict]:
     """Attack the update the protocol posts, per defence and image of ``train[image_idx]``.
 
-    models: defence → the trained global model the round starts from. The attacker (mask-aware,
+    models: defence → the trained global model the round starts from; ``dp_plans``: defence → the
+    DP-SGD plan of the institution the attacked image stands in for (its real noise multiplier and
+    clip bound; None: no DP). The attacker (mask-aware,
     Inverting Gradients, ``steps`` Adam steps, one restart) starts from noise (TV 0.1) when the
     payload reveals no BN statistics, else from the mean image with the BN prior (``bn_prior``,
     TV 0.01), and then also inverts the BN statistics alone (``bn_only``, as many steps).
@@ -174,7 +207,8 @@ def protocol_leakage(train: ImageSet, n_classes: int, models: dict, cfg: CollabC
         c = _config(cfg, over)
         for j in image_idx:
             x, y = train.images[j:j + 1], train.labels[j:j + 1]
-            case = protocol_case(x, y, model=models[name], cfg=c, num_classes=n_classes, chain=chain)
+            case = protocol_case(x, y, model=models[name], cfg=c, num_classes=n_classes, chain=chain,
+                                 dp_plan=(dp_plans or {}).get(name))
             has_bn = bool(decode_target(case.payload, case.public).bn_stats)
             attacks = {"ig": (dict(bn_prior=bn_prior, init=init, tv=1e-2) if has_bn else dict(tv=1e-1), steps)}
             if has_bn:
@@ -261,47 +295,31 @@ def membership_sweep(runs: dict, institutions: list[InstitutionData], *, n: int 
     return pd.DataFrame(rows)
 
 
-def update_membership(runs: dict, institutions: list[InstitutionData], *, n: int = 150,
-                      seed: int = 0) -> pd.DataFrame:
-    """Membership inference on what the chain shows each round: for every kept round (the
-    snapshots of :func:`defence_runs`) and institution, its update is read from the ledger and
-    decoded, and :func:`medchain.attacks.membership.update_loss_attack` scores ``n`` of that
-    institution's training images against ``n`` test images of all institutions (loss drop from
-    the round's global model to the model the update reveals; no shadow calibration). Rows:
-    defence, attack, round, institution, auc, tpr@1%fpr, tpr@0.1%fpr."""
-    rng = np.random.default_rng(seed)
-    test = ImageSet.concat([d.test for d in institutions])
-    nonmembers = test.subset(np.sort(rng.choice(len(test), min(n, len(test)), replace=False)))
-    members = {d.index: d.train.subset(np.sort(rng.choice(len(d.train), min(n, len(d.train)), replace=False)))
-               for d in institutions}
-    rows = []
-    for name, res in runs.items():
-        inst0 = res.institutions[0]
-        for r, before in sorted(getattr(res, "snapshots", {}).items()):
-            for rec, dec in inst0.read_round(r):
-                owner = next(i for i in res.institutions
-                             if getattr(i.ledger.account, "address", i.ledger.account) == rec.sender)
-                after = before.astype(np.float64)
-                after[dec.indices] += dec.values.astype(np.float64)
-                a = update_loss_attack(res.model, before, after.astype(np.float32), members[owner.index], nonmembers)
-                rows.append({"defence": name, "round": r, "institution": owner.index, **a.as_dict()})
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------------------------
 # one seed
+
+def _only_rounds(res, rounds):
+    """A shallow copy of a CollabResult whose ``snapshots`` hold only ``rounds``."""
+    out = copy.copy(res)
+    out.snapshots = {r: v for r, v in res.snapshots.items() if r in set(rounds)}
+    return out
+
 
 def run_seed(dataset, *, seed: int, cfg: CollabConfig, defences: dict | None = None,
              partition_scheme: str = "iid", institutions: int = 5, n_attack_images: int = 4,
              attack_steps: int = 200, bn_prior: float = 1.0, worst_case_thetas: Sequence[float] = (1.0, 0.1),
              worst_case_steps: int = 50, mia_n: int = 300, lira_shadows: int = 0,
              update_mia_rounds: Sequence[int] | None = None, update_mia_n: int = 150,
+             update_shadows: int = 16, update_shadow_rounds: Sequence[int] | None = None,
              chain: str | None = "embedded", attack_chain: str | None = None, keep_recon: bool = False) -> dict:
     """One seed of claim 2: the seed draws the partition, the initialization and shuffling, the
     attacked images and the attacks' initialization. Every defence trains on the same partition;
     the protocol attack runs each defence's round on ``attack_chain`` (None: the in-memory ledger,
-    the same Institution code). Returns plain data: {seed, utility, leak, mia (DataFrames tagged
-    with the seed), recon}."""
+    the same Institution code). Membership on the posted updates: the loss-difference attack on
+    ``update_mia_rounds`` (default: first, middle, last) for every institution, and LiRA with
+    ``update_shadows`` shadow updates (0: off) on institution 0's updates of
+    ``update_shadow_rounds`` (default: the same rounds). Returns plain data: {seed, utility, leak,
+    mia (DataFrames tagged with the seed), recon}."""
     from medchain.data import partition
 
     defences = dict(DEFENCES if defences is None else defences)
@@ -309,18 +327,26 @@ def run_seed(dataset, *, seed: int, cfg: CollabConfig, defences: dict | None = N
     insts = partition(dataset, None if partition_scheme == "sites" else institutions, partition_scheme, seed=seed)
     if update_mia_rounds is None:   # the first, a middle and the last round
         update_mia_rounds = sorted({0, cfg.rounds // 2, cfg.rounds - 1})
+    shadow_rounds = update_mia_rounds if update_shadow_rounds is None else update_shadow_rounds
     util, runs = defence_runs(insts, dataset.n_classes, cfg, defences, chain=chain,
-                              snapshot_rounds=tuple(update_mia_rounds))
+                              snapshot_rounds=tuple(sorted({*update_mia_rounds, *shadow_rounds})))
     idx = pick_images(dataset.train, n_attack_images, seed)
     with torch.random.fork_rng(devices=[]):
         leak, recon = protocol_leakage(dataset.train, dataset.n_classes, {k: r.model for k, r in runs.items()},
                                        cfg, defences, idx, steps=attack_steps, bn_prior=bn_prior,
-                                       chain=attack_chain, seed=seed, keep_recon=keep_recon)
+                                       chain=attack_chain, seed=seed, keep_recon=keep_recon,
+                                       dp_plans={k: r.institutions[0].dp_plan for k, r in runs.items()})
         if worst_case_thetas:
             leak += worst_case_leakage(dataset.train, dataset.n_classes, idx[:1], worst_case_thetas,
                                        steps=worst_case_steps, seed=seed)
     mia = membership_sweep(runs, insts, n=mia_n, lira_shadows=lira_shadows, cfg=cfg, seed=seed)
-    umia = update_membership(runs, insts, n=update_mia_n, seed=seed)
-    mia = pd.concat([mia, umia], ignore_index=True)
+    kept = {k: _only_rounds(r, update_mia_rounds) for k, r in runs.items()}
+    parts = [mia, update_membership(kept, insts, n=update_mia_n, seed=seed)]
+    if update_shadows:
+        with torch.random.fork_rng(devices=[]):
+            parts.append(update_lira({k: _only_rounds(r, shadow_rounds) for k, r in runs.items()}, insts,
+                                     dataset.n_classes, {k: _config(cfg, o) for k, o in defences.items()},
+                                     n_shadow=update_shadows, n=update_mia_n, seed=seed))
+    mia = pd.concat(parts, ignore_index=True)
     return {"seed": seed, "utility": pd.DataFrame(util).assign(seed=seed),
             "leak": pd.DataFrame(leak).assign(seed=seed), "mia": mia.assign(seed=seed), "recon": recon}

@@ -23,14 +23,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from scipy.stats import binomtest
+
 from medchain import stats
 
-__all__ = ["leakage_table", "summarize_seeds", "plot_frontier", "plot_leakage", "plot_membership",
+__all__ = ["leakage_table", "proportion", "summarize_seeds", "plot_frontier", "plot_leakage", "plot_membership",
            "plot_reconstructions"]
 
 
 def _concat(runs: list[dict], key: str) -> pd.DataFrame:
     return pd.concat([r[key] for r in runs], ignore_index=True)
+
+
+def proportion(k: int, n: int, level: float = stats.LEVEL) -> dict:
+    """{k, n, rate, ci_low, ci_high}: k successes of n with the exact Clopper–Pearson interval."""
+    if n < 1:
+        return {"k": int(k), "n": int(n), "rate": None, "ci_low": None, "ci_high": None}
+    ci = binomtest(int(k), int(n)).proportion_ci(level, method="exact")
+    return {"k": int(k), "n": int(n), "rate": k / n, "ci_low": float(ci.low), "ci_high": float(ci.high)}
 
 
 def _best_attack(leak: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +54,8 @@ def _best_attack(leak: pd.DataFrame) -> pd.DataFrame:
 def leakage_table(leak: pd.DataFrame) -> pd.DataFrame:
     """One row per (setting, defence) for its strongest attack: n_images, median / worst PSNR and
     SSIM, the mean image's median / worst PSNR on the same images, rank-1 and top-1 % rates, chance
-    (1/N) and the mean re-identification percentile (0.5 = chance)."""
+    (1/N) with the rank-1 rate's Clopper–Pearson interval, and the mean re-identification
+    percentile (0.5 = chance)."""
     rows = []
     for (setting, defence), g in _best_attack(leak).groupby(["setting", "defence"], sort=False):
         n = int(g.pool_size.iloc[0])
@@ -56,6 +67,8 @@ def leakage_table(leak: pd.DataFrame) -> pd.DataFrame:
                      "mean_image_ssim_median": float(g.mean_ssim.median()),
                      "rank_median": float(g["rank"].median()), "rank_best": int(g["rank"].min()),
                      "reid_rank1_rate": float((g["rank"] == 1).mean()),
+                     **{f"reid_rank1_{k}": v for k, v in proportion(int((g["rank"] == 1).sum()), len(g)).items()
+                        if k in ("ci_low", "ci_high")},
                      "reid_top1pct_rate": float((g["rank"] <= max(1, math.ceil(0.01 * n))).mean()),
                      "chance_rank1": 1.0 / n, "pool_size": n,
                      "reid_percentile_mean": float(g.reid_percentile.mean())})
@@ -67,14 +80,19 @@ def _per_seed(df: pd.DataFrame, defence: str, column: str) -> pd.Series:
 
 
 def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", reference: str = "none",
-                    acc_tolerance: float = 0.02, reid_tolerance: float = 0.05) -> dict:
+                    acc_tolerance: float = 0.02, reid_tolerance: float = 0.05,
+                    references: dict | None = None) -> dict:
     """Claim 2 over seeds for defence ``decide`` against ``reference`` (no defence).
 
     Decisions (:mod:`medchain.stats`, paired by seed): ACC, balanced ACC, AUC of ``decide`` −
     ``reference`` non-inferior within ``acc_tolerance`` (ACC decides); ``attack_check``: the
     strongest protocol attack's mean re-identification percentile on ``reference`` above 0.5
     (chance); ``reid``: 0.5 − the percentile on ``decide`` non-inferior within ``reid_tolerance``
-    (no better than chance) — inconclusive whenever the attack check does not hold.
+    (no better than chance) — inconclusive whenever the attack check does not hold, and then the
+    check itself does not decide (a broken attack shows nothing either way).
+    ``references``: defence → its own model's no-defence run for the ACC cost in ``per_defence``
+    (default: ``reference`` for all). Membership rows with member counts (``tp@1%fpr``) also get
+    the TPR pooled over seeds and rounds with its Clopper–Pearson interval.
     Returns {verdict, per_defence, leakage (table rows), decide, reference, ...}.
     """
     u, leak, mia = _concat(seed_runs, "utility"), _concat(seed_runs, "leak"), _concat(seed_runs, "mia")
@@ -102,18 +120,26 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
         f"claim 2 ({decide}): the defence leaves re-identification of a patient from the posted update no "
         f"better than chance (within {100 * reid_tolerance:g} percentile points) at ≤ {100 * acc_tolerance:g} "
         f"points of ACC cost against {reference}",
-        decisions, deciding_metric=("acc", "attack_check", "reid"),
+        # an attack that fails on the unprotected update cannot make the claim fail: it leaves the
+        # protection unshown (reid inconclusive above), unless the defence's own update leaks
+        decisions, deciding_metric=("acc", "attack_check", "reid") if check.verdict == "holds" else ("acc", "reid"),
         why_metric="ACC for the cost; re-identification of the true patient among all training images for the "
                    "leakage (judged against chance), after checking that the attack works on the unprotected update")
     table = leakage_table(leak)
     per_defence = {}
     for name, g in u.groupby("defence", sort=False):
         d = {m: stats.describe(g.sort_values("seed")[m].to_numpy()) for m in ("acc", "balanced_acc", "auc")}
-        d["settings"] = {k: g[k].iloc[0] for k in ("theta_u", "select_rule", "gamma", "sigma", "bn_stats")}
+        d["settings"] = {k: g[k].iloc[0] for k in ("model", "theta_u", "select_rule", "gamma", "sigma", "bn_stats",
+                                                    "dp_epsilon") if k in g}
+        if "dp_epsilon_spent" in g and g.dp_epsilon_spent.notna().any():
+            d["dp"] = {"epsilon_spent_max": float(g.dp_epsilon_spent.max()),
+                       "noise_multiplier_mean": float(g.dp_noise_multiplier.mean())}
         d["values_per_update"] = float(g.values_per_update.mean())
         d["bn_values_per_update"] = float(g.bn_values_per_update.mean())
-        if name != reference:
-            diff = (_per_seed(u, name, "acc") - _per_seed(u, reference, "acc")).to_numpy()
+        ref = (references or {}).get(name, reference)
+        d["reference"] = ref
+        if ref is not None and name != ref and ref in set(u.defence):
+            diff = (_per_seed(u, name, "acc") - _per_seed(u, ref, "acc")).to_numpy()
             d["acc_minus_reference"] = stats.describe(diff)
         t = table[(table.setting == "protocol") & (table.defence == name)]
         d["leakage"] = t.iloc[0].to_dict() if len(t) else None
@@ -122,7 +148,10 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
         m = mia[mia.defence == name]
         d["mia"] = {a: {**{k: stats.describe(h.groupby("seed")[k].mean().to_numpy())
                            for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr")},
-                        "auc_max": float(h.auc.max()), "n_attacks": int(len(h))}
+                        "auc_max": float(h.auc.max()), "n_attacks": int(len(h)),
+                        **({f"pooled_tpr@{f}fpr": proportion(int(h[f"tp@{f}fpr"].sum()), int(h.n_members.sum()))
+                            for f in ("1%", "0.1%")} if "tp@1%fpr" in h and h["tp@1%fpr"].notna().all() else {}),
+                        **({"n_shadow": int(h.n_shadow.iloc[0])} if "n_shadow" in h and h.n_shadow.notna().all() else {})}
                     for a, h in m.groupby("attack")}
         per_defence[name] = d
     return {"verdict": verdict, "decide": decide, "reference": reference, "per_defence": per_defence,
@@ -133,9 +162,10 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
 # figures
 
 def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
-    """Privacy–utility frontier, one point per defence (same model, chain and seeds): ACC (mean and
-    95 % t interval over seeds) against (a) the mean re-identification percentile (0.5 = chance)
-    and (b) the median per-image PSNR (the mean image's median as a line)."""
+    """Privacy–utility frontier, one point per defence (same chain and seeds): ACC (mean and 95 % t
+    interval over seeds) against (a) the mean re-identification percentile (0.5 = chance) and (b)
+    the median per-image PSNR (the mean image's median as a line). Circles: the BatchNorm cnn;
+    squares: the GroupNorm cnn (DP-SGD and its no-defence reference)."""
     table = leakage_table(leak[leak.setting == "protocol"]).set_index("defence")
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
     for name, g in utility.groupby("defence", sort=False):
@@ -143,8 +173,10 @@ def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
             continue
         d = stats.describe(g.acc.to_numpy())
         err = None if not np.isfinite(d["ci_low"]) else [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
+        model = g.model.iloc[0] if "model" in g else ""
+        fmt = "s" if str(model).endswith("_gn") else "o"          # squares: the GroupNorm cnn (DP-SGD's family)
         for ax, x in zip(axes, (table.loc[name, "reid_percentile_mean"], table.loc[name, "psnr_median"])):
-            ax.errorbar([x], [d["mean"]], yerr=err, fmt="o", capsize=3, label=name)
+            ax.errorbar([x], [d["mean"]], yerr=err, fmt=fmt, capsize=3, label=f"{name} ({model})" if model else name)
             ax.annotate(name, (x, d["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].axvline(0.5, color="gray", ls="--", lw=0.8, label="chance")
     axes[0].set_xlabel("re-identification percentile (0.5 chance, 1 = the patient)")
@@ -155,7 +187,8 @@ def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
         ax.set_ylabel("pooled test ACC (95 % interval over seeds)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("privacy–utility frontier: the protocol's updates of the trained cnn", fontsize=10)
+    fig.suptitle("privacy–utility frontier: the protocol's updates of the trained cnn (○ BatchNorm, □ GroupNorm)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 

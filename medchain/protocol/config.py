@@ -56,6 +56,10 @@ class CollabConfig:
     init: ``"fresh"`` (``model`` drawn from ``seed``) or ``"warm_start"`` (that fresh model with the
     bridged feature weights copied in: the task's initial model). l2sp_beta: β of the L2-SP penalty
     (β/2)·‖w − w_source‖² toward the bridged feature weights in every local step (0: none).
+    DP-SGD per institution (:mod:`medchain.dp`, Opacus): dp_epsilon — every institution trains
+    with per-sample clipping at dp_max_grad_norm and Gaussian noise calibrated by the RDP
+    accountant so that the whole task spends this ε at δ = dp_delta (None: 1/n, n = the sample
+    count its updates report on chain); None: no DP. Needs a model without BatchNorm (``cnn_gn``).
     The policy as a whole, grouped by what it decides: :func:`medchain.protocol.policy.policy_sections`.
     """
 
@@ -90,6 +94,9 @@ class CollabConfig:
     init: str = "fresh"
     l2sp_beta: float = 0.0
     bridged_model: dict | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_max_grad_norm: float = 1.0
 
     def __post_init__(self):
         """Every parameter is checked here, so that a bad one is refused before a task is deployed
@@ -142,6 +149,14 @@ class CollabConfig:
                  self.max_samples)
         need(self.bn_stats in BN_POLICIES, f"bn_stats must be one of {BN_POLICIES}", self.bn_stats)
         validate_rule(self.aggregation)
+        if self.dp_epsilon is not None:
+            need(number("dp_epsilon") > 0, "dp_epsilon must be > 0 or None", self.dp_epsilon)
+            need(not self.scaffold and self.prox_mu == 0 and not self.augment and self.l2sp_beta == 0,
+                 "dp_epsilon (DP-SGD) cannot be combined with scaffold, prox_mu, l2sp_beta or augment",
+                 (self.scaffold, self.prox_mu, self.l2sp_beta, self.augment))
+        if self.dp_delta is not None:
+            need(0 < number("dp_delta") < 1, "dp_delta must be in (0, 1) or None", self.dp_delta)
+        need(number("dp_max_grad_norm") > 0, "dp_max_grad_norm must be > 0", self.dp_max_grad_norm)
         need(self.keep_local in KEEP_LOCAL, f"keep_local must be one of {KEEP_LOCAL}", self.keep_local)
         for name in ("scaffold", "standardize"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false", getattr(self, name))

@@ -41,7 +41,11 @@ class Institution:
     float32 (P,), round) -> (indices int64 (n,), values float32 (n,))``, an upload that ignores the
     policy (a Byzantine member in drills and robustness tests; an attack's custom selection);
     init_model — initial weights handed over in process (simulation only: personalization after a
-    FedAvg run, the inversion case's trained model), whose digest the driver checks against the task's.
+    FedAvg run, the inversion case's trained model), whose digest the driver checks against the task's;
+    dp_plan — with ``cfg.dp_epsilon``, the DP-SGD plan (:class:`medchain.dp.DPPlan`) of another
+    institution instead of calibrating one for its own training set (simulation only: an attack
+    replaying one institution's round with that institution's real noise). With DP-SGD every
+    step it takes is charged to ``accountant`` (Opacus RDP); ``dp_plan`` holds its noise and budget.
 
     With ``cfg.scaffold`` the institution also holds SCAFFOLD's control variates, float32 (P,),
     zero on buffers: ``c_server`` (derived from the chain: the weighted mean of every accepted
@@ -51,7 +55,7 @@ class Institution:
     def __init__(self, data: InstitutionData, n_classes: int, cfg: CollabConfig, ledger: MemberLedger | None,
                  store: BlobStore | None = None, *,
                  select: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
-                 init_model: nn.Module | None = None):
+                 init_model: nn.Module | None = None, dp_plan=None):
         self.data, self.cfg, self.ledger, self.store = data, cfg, ledger, store
         self.index = data.index
         if init_model is not None and cfg.bridged_model is not None:
@@ -93,6 +97,16 @@ class Institution:
         self.last_upload: tuple[np.ndarray, np.ndarray] | None = None
         self.rounds_applied = 0                          # rounds aggregated into global_vec so far
         self.refused: dict[int, list[tuple[str, str]]] = {}   # round -> [(sender, reason)]
+        self.dp_plan, self.accountant = None, None
+        if cfg.dp_epsilon is not None:
+            from medchain.dp import check_dp_model, new_accountant, plan
+            check_dp_model(self.model, cfg.model)
+            self.dp_plan = dp_plan or plan(cfg.dp_epsilon, self.n_samples, batch_size=cfg.batch_size,
+                                           rounds=cfg.rounds, local_epochs=cfg.local_epochs,
+                                           max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta)
+            self.accountant = new_accountant()
+        elif dp_plan is not None:
+            raise ValueError("dp_plan given but the task has no dp_epsilon")
 
     @property
     def n_samples(self) -> int:
@@ -129,10 +143,15 @@ class Institution:
         if self.cfg.scaffold:
             names = {n for n, _ in self.model.named_parameters()}
             offset = {k: v for k, v in unflatten(self.c_server - self.c_own, self.layout).items() if k in names}
-        stats = train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
-                             anchor=anchor, anchor_strength=strength,
-                             seed=self.cfg.seed * 100_003 + r * 1_009 + self.index,
-                             augment=self.augment, grad_offset=offset)
+        seed = self.cfg.seed * 100_003 + r * 1_009 + self.index
+        if self.dp_plan is not None:
+            from medchain.dp import dp_train_epochs
+            stats = dp_train_epochs(self.model, self.data.train, self.cfg.train_config(), self.dp_plan,
+                                    self.accountant, lr_range=self.cfg.round_lr(r), seed=seed)
+        else:
+            stats = train_epochs(self.model, self.data.train, self.cfg.train_config(), lr_range=self.cfg.round_lr(r),
+                                 anchor=anchor, anchor_strength=strength, seed=seed,
+                                 augment=self.augment, grad_offset=offset)
         if self.cfg.bn_recalibrate:
             recalibrate_bn(self.model, self.data.train)
         trained = model_vector(self.model, self.layout)
@@ -152,11 +171,9 @@ class Institution:
                       - delta.astype(np.float64) / unit, 0.0).astype(np.float32)
         return np.concatenate([delta, dc])
 
-    def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
-        """Select, encode, place and submit round r's update; returns its digest. ``withhold``
-        (drills only): submit the digest alone and store the payload nowhere, as a member trying to
-        stall the task would."""
-        t0 = time.perf_counter()
+    def selection(self, delta: np.ndarray, r: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """What round r's update ``delta`` (float32 (P,)) would share: (indices int64 (n,) or None
+        for all, values float32 (n,)) — the task's selection, never a local-only coordinate."""
         if self.select is not None:
             idx, vals = self.select(delta, r)
         elif self.local_mask is not None:
@@ -167,6 +184,14 @@ class Institution:
         if self.local_mask is not None and idx is not None and self.local_mask[idx].any():
             raise RuntimeError(f"institution {self.index}: the selection would upload local-only "
                                "coordinates; refusing to share them")
+        return idx, vals
+
+    def upload(self, r: int, delta: np.ndarray, *, withhold: bool = False) -> bytes:
+        """Select, encode, place and submit round r's update; returns its digest. ``withhold``
+        (drills only): submit the digest alone and store the payload nowhere, as a member trying to
+        stall the task would."""
+        t0 = time.perf_counter()
+        idx, vals = self.selection(delta, r)
         self.last_upload = (idx, vals)
         payload = codec.encode_update(vals, self.wire_layout_id, indices=idx, total_size=self.wire_size)
         if withhold:

@@ -9,7 +9,7 @@ they decide (:func:`policy_sections`, printed by ``medchain ledger show``):
   local-only coordinates (``keep_local``: FedPer, FedBN), the BatchNorm-statistics policy, payload
   limits;
 * ``objective`` — local training: optimizer and schedule, FedProx μ, L2-SP β (anchor: the bridged
-  model), SCAFFOLD, standardization, augmentation;
+  model), SCAFFOLD, standardization, augmentation, DP-SGD (ε, δ, clip bound);
 * ``init`` — the task's initial model: ``model`` drawn from ``seed`` (``init="fresh"``), or that
   model warm-started from a model accepted by the task chain's bridge (``init="warm_start"``,
   ``bridged_model``);
@@ -41,7 +41,8 @@ POLICY_SECTIONS: dict[str, tuple[str, ...]] = {
     "upload": ("theta_u", "select_rule", "select_scope", "gamma", "sigma", "theta_d", "keep_local",
                "bn_stats", "max_inline_bytes", "max_abs_update"),
     "objective": ("rounds", "local_epochs", "batch_size", "lr", "lr_floor", "optimizer", "weight_decay",
-                  "prox_mu", "l2sp_beta", "scaffold", "standardize", "augment", "bn_recalibrate"),
+                  "prox_mu", "l2sp_beta", "scaffold", "standardize", "augment", "bn_recalibrate",
+                  "dp_epsilon", "dp_delta", "dp_max_grad_norm"),
     "init": ("model", "seed", "init", "bridged_model"),
     "merge": ("aggregation", "server_lr", "server_momentum", "max_samples"),
 }

@@ -52,7 +52,7 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
                       eval_set: ImageSet | None = None, quiet: bool = True,
                       select_for: Callable[[int], Callable | None] | None = None,
                       round_callback: Callable[[int, list[Institution]], None] | None = None,
-                      initial_model: nn.Module | None = None) -> CollabResult:
+                      initial_model: nn.Module | None = None, dp_plans: dict | None = None) -> CollabResult:
     """Simulate collaborative training with every institution in this process.
 
     chain: "embedded" (in-process eth-tester chain), an ``http://`` node URL (anvil, geth, ...),
@@ -67,6 +67,8 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
     initial_model: initial weights handed to every institution (its own copy) instead of the model
       the policy prescribes (simulation only: e.g. personalization after a FedAvg run); the ledger
       records their digest.
+    dp_plans: ``{institution index: DPPlan}`` handed to those institutions (simulation only: see
+      :class:`Institution`'s ``dp_plan``).
     """
     t_start = time.perf_counter()
     store = store if store is not None else MemoryBlobStore()
@@ -97,7 +99,8 @@ def run_collaborative(institutions: list[InstitutionData], n_classes: int, cfg: 
     def make(d: InstitutionData, client) -> Institution:
         init = copy.deepcopy(initial_model).train() if initial_model is not None else None
         return Institution(d, n_classes, cfg, client, store, init_model=init,
-                           select=select_for(d.index) if select_for is not None else None)
+                           select=select_for(d.index) if select_for is not None else None,
+                           dp_plan=(dp_plans or {}).get(d.index))
     insts = [make(d, c) for d, c in zip(institutions, clients)]
     for inst in insts:   # every institution checks it starts from the model the task recorded
         if inst.global_digest() != init_digest:
