@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medchain.data.types import ImageSet
-from medchain.training import TrainConfig, make_optimizer, to_tensor
+from medchain.training import TrainConfig, make_optimizer, step_lr, to_tensor
 
 __all__ = ["DPPlan", "plan", "new_accountant", "dp_train_epochs", "check_dp_model"]
 
@@ -122,8 +122,7 @@ def dp_train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp: DPPl
         try:
             for _ in range(cfg.epochs):
                 for xb, yb in dl:
-                    lr = lr0 if lr0 == lr1 else \
-                        lr1 + (lr0 - lr1) * 0.5 * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+                    lr = step_lr((lr0, lr1), step, total)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     opt.zero_grad(set_to_none=True)

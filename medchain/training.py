@@ -67,6 +67,13 @@ def cosine_lr(base: float, step: int, total: int, floor: float = 0.01) -> float:
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def step_lr(lr_range: tuple[float, float], step: int, total: int) -> float:
+    """The lr of step `step` of `total` steps: cosine from lr_range[0] (first step) to
+    lr_range[1] (last step); constant when both are equal."""
+    lr0, lr1 = lr_range
+    return lr0 if lr0 == lr1 else lr1 + (lr0 - lr1) * 0.5 * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+
+
 def make_optimizer(params, cfg: TrainConfig):
     """cfg's optimizer: :class:`medchain.optim.FusedOptimizer` — torch's fused kernels (one kernel
     per step over all tensors: on CPU about 3x faster than the default per-tensor loop;
@@ -156,7 +163,7 @@ def train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, *,
                 idx = perm[start:start + cfg.batch_size]
                 if idx.numel() < 2 and len(data) > 1:
                     continue  # BatchNorm cannot train on a batch of one
-                lr = lr0 if lr0 == lr1 else lr1 + (lr0 - lr1) * 0.5 * (1 + math.cos(math.pi * step / max(total - 1, 1)))
+                lr = step_lr((lr0, lr1), step, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb = x[idx].contiguous(memory_format=torch.channels_last)

@@ -72,10 +72,7 @@ class Institution:
         if cfg.scaffold and select is not None:
             raise ValueError("scaffold uploads the full update (Δw, Δc): a custom select cannot apply")
         self.augment = Augmenter(cfg.augment) if cfg.augment else None
-        self.param_mask = np.zeros(self.layout.size, dtype=bool)    # trainable coordinates
-        for e in self.layout.entries:
-            if e.kind == "param":
-                self.param_mask[self.layout.slices[e.name]] = True
+        self.param_mask = trainable_mask(self.layout)
         self.c_server = np.zeros(self.layout.size, dtype=np.float32) if cfg.scaffold else None
         self.c_own = np.zeros(self.layout.size, dtype=np.float32) if cfg.scaffold else None
         self.wire_layout_id, self.wire_size = (scaffold_layout_id(self.layout), 2 * self.layout.size) \
@@ -86,7 +83,7 @@ class Institution:
         self.select = select
         self.own_vec = self.global_vec.copy() if cfg.theta_d < 1 else None   # partial download
         if cfg.bn_stats == "local":   # statistics buffers never leave the institution
-            buffers = ~trainable_mask(self.layout)
+            buffers = ~self.param_mask
             local_mask = buffers if local_mask is None else (np.asarray(local_mask, bool) | buffers)
         self.local_mask = local_mask
         self.local_vec = self.global_vec.copy()          # this institution's personal coordinates
