@@ -266,6 +266,12 @@ def sweep_lines(run: dict) -> list[str]:
             f"at {names('worst_institution_non_inferior')}.{test}"]
 
 
+def _table(out: list[str], rows: list[str], intro: str, header: str | None = None) -> None:
+    """Append intro, header (if any), rows and a blank line to out — nothing when rows is empty."""
+    if rows:
+        out.extend([intro, *([header] if header else []), *rows, ""])
+
+
 def render(root: str | Path) -> str:
     """RESULTS.md's text from every claim summary under `root` (usually results/)."""
     runs = load_runs(root)
@@ -285,53 +291,35 @@ def render(root: str | Path) -> str:
             out.append(head)
             out.extend(line for r in multi for line in verdict_lines(r))
             out.append("")
-            scores = [line for r in multi for line in score_lines(r)]
-            if scores:
-                out.append("Scores on the test data, mean [95 % CI] over seeds:\n")
-                out.append("| run | setting | method | ACC | balanced ACC | AUC |\n|---|---|---|---|---|---|")
-                out.extend(scores)
-                out.append("")
-            per_method = [line for r in multi for line in method_lines(r)]
-            if per_method:
-                out.append("Each collaborative method, mean [95 % CI] over seeds: gap to centralized (ACC points, pooled "
-                           "and on the site where it is most negative, same site's test images for both); at that "
-                           "site, test loss, expected calibration error and BatchNorm-statistics distance "
-                           "(method / centralized); what it put on chain per round (update payloads of all "
-                           "institutions, MB; gas of the update transactions — payloads go to the blob store "
-                           "with only their digest on chain); its learning rate (chosen on validation) and the "
-                           "seeds whose validation chose it:\n")
-                out.append("| run | setting | method | lr | gap ACC | worst-site ACC | worst-site gap ACC | loss | ECE "
-                           "| BN distance | upload MB / round | update gas / round | chosen in seeds |\n"
-                           "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-                out.extend(per_method)
-                out.append("")
-            leaks = [line for r in multi for line in leakage_lines(r)]
-            if leaks:
-                out.append("Leakage of the posted updates per defence (strongest attack; PSNR median / worst image, "
-                           "in brackets the mean image's median; re-identification at rank 1 against chance 1/N; "
-                           "membership inference on the per-round updates):\n")
-                out.append("| run | defence | model | images | PSNR dB | SSIM | re-id rank 1 | re-id percentile "
-                           "(0.5 chance) | MIA AUC | TPR@1%FPR |\n|---|---|---|---|---|---|---|---|---|---|")
-                out.extend(leaks)
-                out.append("")
-            sweeps = [line for r in multi for line in sweep_lines(r)]
-            if sweeps:
-                out.append("Where personalization pays, by heterogeneity (balanced ACC; holds = 95 % interval over seeds):\n")
-                out.extend(sweeps)
-                out.append("")
+            _table(out, [line for r in multi for line in score_lines(r)],
+                   "Scores on the test data, mean [95 % CI] over seeds:\n",
+                   "| run | setting | method | ACC | balanced ACC | AUC |\n|---|---|---|---|---|---|")
+            _table(out, [line for r in multi for line in method_lines(r)],
+                   "Each collaborative method, mean [95 % CI] over seeds: gap to centralized (ACC points, pooled "
+                   "and on the site where it is most negative, same site's test images for both); at that "
+                   "site, test loss, expected calibration error and BatchNorm-statistics distance "
+                   "(method / centralized); what it put on chain per round (update payloads of all "
+                   "institutions, MB; gas of the update transactions — payloads go to the blob store "
+                   "with only their digest on chain); its learning rate (chosen on validation) and the "
+                   "seeds whose validation chose it:\n",
+                   "| run | setting | method | lr | gap ACC | worst-site ACC | worst-site gap ACC | loss | ECE "
+                   "| BN distance | upload MB / round | update gas / round | chosen in seeds |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            _table(out, [line for r in multi for line in leakage_lines(r)],
+                   "Leakage of the posted updates per defence (strongest attack; PSNR median / worst image, "
+                   "in brackets the mean image's median; re-identification at rank 1 against chance 1/N; "
+                   "membership inference on the per-round updates):\n",
+                   "| run | defence | model | images | PSNR dB | SSIM | re-id rank 1 | re-id percentile "
+                   "(0.5 chance) | MIA AUC | TPR@1%FPR |\n|---|---|---|---|---|---|---|---|---|---|")
+            _table(out, [line for r in multi for line in sweep_lines(r)],
+                   "Where personalization pays, by heterogeneity (balanced ACC; holds = 95 % interval over seeds):\n")
         else:
             out.append("No multi-seed run committed yet: nothing below decides this claim.\n")
-        if superseded:
-            out.append("Superseded multi-seed runs (under results/archive/, replaced by the runs above; "
-                       "results/README.md says why — they decide nothing):\n")
-            out.append(head)
-            out.extend(line for r in superseded for line in verdict_lines(r))
-            out.append("")
-        if single:
-            out.append("Single-seed runs (they decide nothing; kept because their artifacts exist):\n")
-            out.append(head)
-            out.extend(line for r in single for line in verdict_lines(r))
-            out.append("")
+        _table(out, [line for r in superseded for line in verdict_lines(r)],
+               "Superseded multi-seed runs (under results/archive/, replaced by the runs above; "
+               "results/README.md says why — they decide nothing):\n", head)
+        _table(out, [line for r in single for line in verdict_lines(r)],
+               "Single-seed runs (they decide nothing; kept because their artifacts exist):\n", head)
     return "\n".join(out).rstrip() + "\n"
 
 
