@@ -108,8 +108,9 @@ def test_proximal_gradient_equals_autograd_of_the_penalty():
     model, ref = build_model("cnn", 1, 2, seed=0), build_model("cnn", 1, 2, seed=0)
     cfg = TrainConfig(epochs=1, batch_size=64, lr=lr, optimizer="sgd", momentum=0.0, schedule="constant")
     stats = train_epochs(model, data, cfg, anchor=anchor, anchor_strength=strength)
-    ref.train()
-    loss = torch.nn.functional.cross_entropy(ref(to_tensor(data.images)), torch.from_numpy(data.labels))
+    ref.train().to(memory_format=torch.channels_last)   # the memory format train_epochs trains in
+    x = to_tensor(data.images).contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(ref(x), torch.from_numpy(data.labels))
     penalty = 0.5 * strength * sum(((p - anchor[k]) ** 2).sum() for k, p in ref.named_parameters())
     (loss + penalty).backward()
     with torch.no_grad():
