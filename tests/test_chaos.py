@@ -33,10 +33,10 @@ def test_five_nodes_one_hostile_member_and_an_anvil_sigkill(tmp_path):
     """Node 4 tries to submit with 0 and with 2**64-1 samples (the ledger refuses both), posts each
     round a digest whose payload it stores nowhere (the others report it; every replica leaves it
     out) and attests a garbage digest. anvil is SIGKILLed once a round-1 update is in and restarted
-    from its periodic state dump. The honest nodes stop on the garbage attestation (exit 1, by
-    design) or on blocks the chain lost (exit 1); the admin removes node 4 and the stopped honest
-    nodes are restarted: they resume from the chain and finish (exit 0) with one final model — the
-    one an observer rebuilds from the chain — and the summary lists every refusal and exclusion."""
+    from its periodic state dump. The honest nodes log the garbage attestation and go on (4 of 5
+    members attest their digest), and stop only on blocks the chain lost (exit 1): restarted, they
+    resume from the chain and finish (exit 0) with one final model — the one an observer rebuilds
+    from the chain — without the admin's help, and the summary lists every refusal and exclusion."""
     t_start = time.monotonic()
     src = toy_source(tmp_path, size=28)
     fast = {i: ["--availability-wait", "0.5"] for i in range(5)}
@@ -56,38 +56,32 @@ def test_five_nodes_one_hostile_member_and_an_anvil_sigkill(tmp_path):
             dep.ledger.start()
 
         exits: list[tuple[int, int, str]] = []        # (node, exit code, error line) of every stop
-        removed = False
         t_end = time.monotonic() + 300
         while not all(dep.nodes[i].proc.poll() == 0 for i in HONEST):
             assert time.monotonic() < t_end, "\n".join(f"--- node {p.index}:\n{p.log_tail(2500)}" for p in dep.nodes)
             for p in dep.nodes:
                 rc = p.proc.poll()
-                if rc in (None, 0) or (p.index == HOSTILE and removed):
+                if rc in (None, 0):
                     continue
                 err = _last_error(p)
                 exits.append((p.index, rc, err))
                 assert rc == 1 and "Traceback" not in p.log_tail(6000), err
-                if "institutions disagree on the global model" in err:
-                    assert p.index in HONEST
-                    if not removed:                    # the admin's remedy for a garbage attestation
-                        dep.ledger.remove_member(hostile)
-                        removed = True
-                else:
-                    assert "the chain lost blocks" in err, err
+                assert "the chain lost blocks" in err, err   # never the garbage attestation
                 p.start()                              # restarted: resumes from the chain
             time.sleep(0.2)
         rc = dep.nodes[HOSTILE].proc.poll()
         if rc is None:                                 # still waiting on a task it is no longer part of
             dep.nodes[HOSTILE].kill()
-        elif rc != 0:              # its next transaction, or its restart, after the removal
+        elif rc != 0:
             err = _last_error(dep.nodes[HOSTILE])
-            assert rc == 1 and any(why in err for why in ("not an active member", "is not a member of the task",
-                                                          "the chain lost blocks")), err
+            assert rc == 1 and "the chain lost blocks" in err, err
 
         finals = final_digests(dep, HONEST)
         observer = rebuild_global(reader, partition(load_dataset(src), 5, "iid", seed=0)[0], 2)
         assert finals == {observer.global_digest().hex()} == {reader.majority_digest(CFG.rounds - 1).hex()}
-        assert removed and any("disagree" in e for _, _, e in exits)
+        assert not any("disagree" in e for _, _, e in exits)
+        dissent = "attested a global digest other than this node's"
+        assert any(dissent in dep.nodes[i].log_tail(200_000) for i in HONEST)   # logged, not ignored
         _, summary = dep.results(load_dataset(src))
     elapsed = time.monotonic() - t_start
     print(f"chaos drill: {elapsed:.1f} s; stops: {[(i, rc) for i, rc, _ in exits]}")
@@ -100,12 +94,12 @@ def test_five_nodes_one_hostile_member_and_an_anvil_sigkill(tmp_path):
     assert hostile in summary["unavailable_updates"]["0"]      # its digest-only update of round 0
     assert f"round 0: the update of institution {HOSTILE} was left out by every replica: unavailable" in told
     # the garbage attestation: in the drill record always; on chain too unless the SIGKILL took it
-    # (the honest nodes may have stopped on it before the crash; the node does not attest again)
+    # (the node does not attest again)
     assert ("garbage-attest", False) in refusals and f"institution {HOSTILE} (drill) garbage-attest: attested" in told
     mismatched = {m for ms in summary["attestation_mismatches"].values() for m in ms}
     assert mismatched <= {hostile}
     if mismatched:
         assert f"institution {HOSTILE} attested a global digest that differs from the majority" in told
-    assert summary["removed_members"] == [f"institution {HOSTILE}"]
+    assert summary["removed_members"] == []                    # the honest majority needed no admin
     assert all(s not in summary["refused_updates"].get(r, []) for r in summary["refused_updates"]
                for s in [a.address for a in dep.accounts[1:HOSTILE + 1]])   # no honest update left out

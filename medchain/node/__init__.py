@@ -40,11 +40,14 @@ Rules this loop follows (all state it needs is on the chain):
   excluded either. A member that withholds its report stalls a task without a deadline, as one that
   withholds its update does; the remedy is the same (a deadline, or the admin removes it).
 * **Attestations.** After attesting round r the node checks every attestation recorded so far for
-  r (and, for late ones, for r − 1); any that differs stops it with
-  :class:`~medchain.protocol.AttestationMismatchError` (never silently ignored; a member that
-  attests garbage on purpose therefore halts the honest ones until the admin removes it; from its
-  removal on, its attestations no longer count, so the honest nodes, restarted, go on). Members
-  that have not attested (yet) are tolerated.
+  r (and, for late ones, for r − 1). A dissenting attestation is never silently ignored: while a
+  strict majority of the active members attested the node's own digest it logs the dissenter and
+  goes on (a member attesting garbage on purpose cannot halt the honest majority; the admin may
+  remove it, and from its removal on its attestations no longer count); while no digest has that
+  majority it rechecks the round on every step and does not finish before it is settled; once
+  another digest has the majority it stops with :class:`~medchain.protocol.AttestationMismatchError`
+  (this node computed something else than the majority). Members that have not attested (yet) are
+  tolerated.
 * **Sample counts and removed members.** The ledger refuses an update reporting 0 samples or more
   than the task's ``max_samples`` (fixed at deployment; the drill sets it to the largest share), and
   withdraws the open-round update of a member the admin removes; replicas leave such updates out

@@ -66,6 +66,8 @@ class InstitutionNode(AvailabilityDuty, HostileActs, NodeReporting):
         self._pending_attest: tuple[int, bytes] | None = None
         self._reverted = 0
         self._last_digest: bytes | None = None
+        self._unsettled: dict[int, bytes] = {}  # rounds with a dissenting attestation and no majority yet
+        self._dissent_logged: set[tuple[int, str]] = set()
         self._started = False
         self._submitted: set[int] = set()
         self._deadlines: dict[int, int] = {}
@@ -175,16 +177,22 @@ class InstitutionNode(AvailabilityDuty, HostileActs, NodeReporting):
             if attested != digest:
                 self._drill(r, "garbage-attest", f"attested {attested.hex()[:16]}… instead of {digest.hex()[:16]}…")
             else:
-                check_attestations(ledger, r, digest)
+                self._check_agreement(r, digest)
                 if r >= 1 and self._last_digest is not None:     # late attestations of the round before
-                    check_attestations(ledger, r - 1, self._last_digest)
+                    self._check_agreement(r - 1, self._last_digest)
             self._last_digest = digest
             self._pending_attest = None
             self._log_round(r, digest)
             return False
 
+        for u, d in list(self._unsettled.items()):           # dissent seen, majority not reached yet
+            self._check_agreement(u, d)
         r = inst.rounds_applied
         if r >= self.cfg.rounds:
+            if self._unsettled:
+                self._wait("a majority of the members to attest round(s) "
+                           f"{sorted(self._unsettled)} (a member attested another digest)")
+                return False
             return True
         if not self._started:
             if not ledger.started():
@@ -244,6 +252,34 @@ class InstitutionNode(AvailabilityDuty, HostileActs, NodeReporting):
         self._maybe_close(r)                                 # submitted: wait for the round to close
         self._wait(f"round {r} to close")
         return False
+
+    def _check_agreement(self, r: int, digest: bytes) -> None:
+        """Compare round r's attestations with this node's digest (deployment rule of
+        :func:`~medchain.protocol.check_attestations`): a dissenting member is logged once and left to
+        the admin while a strict majority of the members agrees with this node; without a majority yet
+        the round is rechecked on every step (and the node does not finish before it is settled);
+        AttestationMismatchError when another digest has the majority."""
+        agreement = check_attestations(self.ledger, r, digest)
+        for member in agreement.dissenters:
+            if (r, member) not in self._dissent_logged:
+                self._dissent_logged.add((r, member))
+                log.warning("round %d: member %s attested a global digest other than this node's %s…; %s",
+                            r, member, digest.hex()[:16],
+                            "a majority of the members agrees with this node, so it goes on (the admin may "
+                            "remove that member)" if agreement.settled else
+                            "waiting for a majority of the members' attestations")
+        if agreement.settled:
+            self._unsettled.pop(r, None)
+            return
+        self._unsettled[r] = digest
+        if all(a.member != self.me for a in self.ledger.attestations(r)):
+            # my attestation went with blocks the chain lost (restored from an older state dump):
+            # without it the honest majority may never form
+            log.warning("round %d: my attestation is no longer on chain; attesting again", r)
+            try:
+                self.ledger.attest(r, digest)
+            except AlreadyAttested:
+                pass
 
     def _wait(self, what: str) -> None:
         now = time.monotonic()

@@ -13,8 +13,10 @@ Each :class:`Institution` holds only its own private data. One round ``r``:
    aggregates deterministically (:mod:`medchain.aggregation`) into the next global model (deployed
    nodes first report which payloads they could not fetch and wait for the round's availability to
    be sealed on chain: an update a majority cannot fetch is left out by every replica);
-4. each attests the digest of the global model it computed; all attestations must agree, otherwise
-   the run stops with :class:`AttestationMismatchError` naming the round.
+4. each attests the digest of the global model it computed; in a simulation all attestations must
+   agree, otherwise the run stops with :class:`AttestationMismatchError` naming the round (a
+   deployed node goes on with a strict majority of the members behind its digest:
+   :func:`check_attestations`).
 
 The same :class:`Institution` code runs in one process (simulation, :func:`run_collaborative`) or one
 process per hospital (deployment). :class:`MemoryLedger` is the chain-free FedAvg reference: same
@@ -28,7 +30,7 @@ Modules: :mod:`~medchain.protocol.config` (the task's parameters), :mod:`~medcha
 :mod:`~medchain.protocol.attestation` (agreement of the replicas), :mod:`~medchain.protocol.simulation`
 (the in-process driver).
 """
-from medchain.protocol.attestation import AttestationMismatchError, check_attestations
+from medchain.protocol.attestation import Agreement, AttestationMismatchError, check_attestations
 from medchain.protocol.config import KEEP_LOCAL, CollabConfig, scaffold_layout_id, task_model
 from medchain.protocol.institution import Institution
 from medchain.protocol.memory_ledger import MemoryLedger
@@ -36,7 +38,7 @@ from medchain.protocol.policy import (METADATA_KEYS, POLICY_SECTIONS, config_fro
                                       start_model, task_params)
 from medchain.protocol.simulation import CollabResult, run_collaborative
 
-__all__ = ["AttestationMismatchError", "CollabConfig", "CollabResult", "Institution", "KEEP_LOCAL",
+__all__ = ["Agreement", "AttestationMismatchError", "CollabConfig", "CollabResult", "Institution", "KEEP_LOCAL",
            "METADATA_KEYS", "MemoryLedger", "POLICY_SECTIONS", "check_attestations", "config_from_params",
            "policy_sections", "run_collaborative", "scaffold_layout_id", "start_model", "task_model",
            "task_params"]

@@ -1,27 +1,60 @@
-"""Agreement of the replicas: every institution attests the global digest it computed; any
-disagreement stops the run with :class:`AttestationMismatchError` naming the round."""
+"""Agreement of the replicas: every institution attests the global digest it computed.
+
+In a simulation every replica is ours, so any disagreement stops the run with
+:class:`AttestationMismatchError` naming the round. In deployment a member may attest garbage on
+purpose; an honest node then goes on as long as a strict majority of the task's active members
+attested the digest it computed (the dissenters are returned, to be logged and left to the admin),
+waits while no digest has that majority, and stops only when another digest has it (this node, not
+the others, computed something else)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class AttestationMismatchError(RuntimeError):
     """Institutions computed different global models for a round: the run cannot continue."""
 
 
-def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = None) -> None:
-    """All n_members attestations of round r must equal `expected`; else raise naming the round.
-    n_members None (deployment: members may be absent or not attested yet): every attestation
-    recorded so far must equal `expected`, however many there are. Attestations of accounts that
-    are no longer members (removed by the admin) do not count: removing a member that attested
-    garbage lets the honest ones go on (and restart) past that round."""
+@dataclass(frozen=True)
+class Agreement:
+    """What the attestations of one round say about this node's digest.
+    settled: nothing more to wait for (no dissent so far, or a strict majority of the active members
+    attested this node's digest); dissenters: accounts whose attestation differs from it."""
+    settled: bool
+    dissenters: tuple[str, ...] = ()
+
+
+def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = None) -> Agreement:
+    """Check the attestations of round r against this replica's digest `expected`.
+
+    n_members given (simulation): all n_members attestations must equal `expected`, else raise.
+    n_members None (deployment: members may be absent or not attested yet): attestations of accounts
+    that are no longer members (removed by the admin) do not count; with no dissent the round is
+    settled; with dissent it is settled once more than half of the active members attested
+    `expected`, pending (settled False) while no digest has such a majority, and an
+    :class:`AttestationMismatchError` once another digest has it."""
     atts = ledger.attestations(r)
     if hasattr(ledger, "members"):
         active = set(ledger.members())
         atts = [a for a in atts if a.member in active]
     bad = [a for a in atts if a.digest != expected]
-    if bad or (n_members is not None and len(atts) != n_members):
-        detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
-        of = f" of {n_members}" if n_members is not None else ""
-        raise AttestationMismatchError(
-            f"round {r}: institutions disagree on the global model (expected {expected.hex()[:16]}…, "
-            f"{len(atts)}{of} attestations: {detail}); the run is stopped — check that "
-            "every institution runs the same medchain version, model and task parameters")
+    if n_members is None:
+        if not bad:
+            return Agreement(True)
+        m = len(active) if hasattr(ledger, "members") else len(atts)
+        if 2 * (len(atts) - len(bad)) > m:
+            return Agreement(True, tuple(a.member for a in bad))
+        counts: dict[bytes, int] = {}
+        for a in bad:
+            counts[a.digest] = counts.get(a.digest, 0) + 1
+        if not any(2 * c > m for c in counts.values()):
+            return Agreement(False, tuple(a.member for a in bad))
+    elif not bad and len(atts) == n_members:
+        return Agreement(True)
+    detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
+    of = f" of {n_members}" if n_members is not None else ""
+    who = ("a majority of the members attested another digest; " if n_members is None else "")
+    raise AttestationMismatchError(
+        f"round {r}: institutions disagree on the global model (expected {expected.hex()[:16]}…, "
+        f"{len(atts)}{of} attestations: {detail}); {who}the run is stopped — check that "
+        "every institution runs the same medchain version, model and task parameters")
