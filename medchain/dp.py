@@ -18,6 +18,7 @@ The noise is drawn from a seeded generator so that runs are reproducible (Opacus
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -59,7 +60,14 @@ def plan(target_epsilon: float, n: int, *, batch_size: int, rounds: int, local_e
          max_grad_norm: float, delta: float | None = None) -> DPPlan:
     """Noise multiplier reaching ``target_epsilon`` at δ (default 1/n) after the task's steps:
     ``rounds × local_epochs × ceil(n / batch_size)`` steps at sample rate ``1 / ceil(n / batch_size)``
-    (Opacus's Poisson loader of a ``batch_size`` loader)."""
+    (Opacus's Poisson loader of a ``batch_size`` loader). Memoized: Opacus's noise search takes
+    seconds at a few steps and a large sample rate, and every institution of a task (and every
+    shadow of the update attack) with the same n asks the same question; the plan is frozen."""
+    return _plan(target_epsilon, n, batch_size, rounds, local_epochs, max_grad_norm, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(target_epsilon, n, batch_size, rounds, local_epochs, max_grad_norm, delta) -> DPPlan:
     from opacus.accountants.utils import get_noise_multiplier
 
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):

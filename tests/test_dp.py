@@ -30,6 +30,17 @@ def test_smaller_epsilon_needs_more_noise():
     assert sig[0] > sig[1] > sig[2] > 0
 
 
+
+def test_plan_is_computed_once_per_question():
+    """Institutions of one task with the same n share one noise search (memoized); another n, ε,
+    δ or batch size is another search with its own numbers."""
+    a = plan(3.0, 110, batch_size=32, rounds=12, local_epochs=1, max_grad_norm=1.0)
+    assert plan(3.0, 110, batch_size=32, rounds=12, local_epochs=1, max_grad_norm=1.0) is a
+    for other in (plan(3.0, 111, batch_size=32, rounds=12, local_epochs=1, max_grad_norm=1.0),
+                  plan(3.0, 110, batch_size=16, rounds=12, local_epochs=1, max_grad_norm=1.0),
+                  plan(3.0, 110, batch_size=32, rounds=12, local_epochs=1, max_grad_norm=1.0, delta=1e-3)):
+        assert other is not a and (other.n, other.sample_rate, other.delta) != (a.n, a.sample_rate, a.delta)
+
 def test_plan_refuses_bad_budgets():
     with pytest.raises(ValueError, match="epsilon"):
         plan(0.0, 10, batch_size=4, rounds=1, local_epochs=1, max_grad_norm=1.0)

@@ -30,7 +30,6 @@ def test_notebook_01_quick_run_records_one_seed_and_no_verdict(tmp_path):
     passes = seed0["passes_over_local_data"]
     assert passes["centralized"] == passes["local_only"] == passes["collaborative"]
     assert 1 <= seed0["selection"]["collaborative_round"] <= seed0["rounds"]
-    assert seed0["collaborative"]["acc"] > 0.5 and seed0["centralized"]["acc"] > 0.5   # 3 classes: learns
     assert len(seed0["final_global_digest"]) == 64 and seed0["ledger_address"].startswith("0x")
     assert summary["chain"]["iid"][0]["ledger_address"] == seed0["ledger_address"]
     assert summary["versions"]["torch"].startswith("2.13") and summary["versions"]["cpu_capability"]
@@ -43,6 +42,10 @@ def test_notebook_01_quick_run_records_one_seed_and_no_verdict(tmp_path):
     metrics = pd.read_csv(out / "metrics.csv")
     assert {"method", "metric", "value", "partition", "seed"} <= set(metrics.columns)
     assert set(metrics.method) >= {"centralized", "local_only", "collaborative", "majority"}
+    # it learns: well above always predicting an institution's most frequent class (0.4 here; the
+    # quick run's 3 passes over 700 images reach about 0.5 collaborative, 0.7 centralized)
+    majority = metrics[(metrics.method == "majority") & (metrics.metric == "acc")].value.max()
+    assert seed0["collaborative"]["acc"] > majority + 0.05 and seed0["centralized"]["acc"] > majority + 0.05
     for stem in ("accuracy_vs_round", "paired_differences"):
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000

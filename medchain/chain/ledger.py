@@ -220,6 +220,10 @@ class LedgerClient(ContractClient):
         out = []
         withdrawn: dict[str, bool] = {}
         sealed = bool(logs) and self.availability(round)[1] != 0
+        # withdrawn[r][m] is set only by removeMember(m) while round r is open: the contract is asked
+        # about the senders removed within the round's blocks, one log query instead of a call each
+        removed = {to_checksum_address(abi_decode(["address"], bytes(lg["topics"][1]))[0])
+                   for lg in self._logs("MemberRemoved", open_block, close_block)} if logs else set()
         unavailable: dict[str, bool] = {}
         data_types = [t for _, t in ev["data"]]
         for lg in logs:
@@ -229,7 +233,7 @@ class LedgerClient(ContractClient):
             digest, n_values, n_samples, payload = abi_decode(data_types, bytes(lg["data"]))
             sender = to_checksum_address(sender)
             if sender not in withdrawn:
-                withdrawn[sender] = self.withdrawn(round, sender)
+                withdrawn[sender] = sender in removed and self.withdrawn(round, sender)
                 unavailable[sender] = sealed and self.is_unavailable(round, sender)
             out.append(Update(r, sender, bytes(digest), n_values, n_samples,
                               bytes(payload), lg["blockNumber"], lg["logIndex"],
