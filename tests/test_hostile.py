@@ -378,9 +378,9 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path, c
     """Three honest `medchain node` processes on anvil and two hostile members driven from here.
     A tries to claim 0 and 2**64-1 samples (refused by the contract), gets a poisoned update in with
     the largest legal count, and is removed before the round closes: its update is withdrawn. B
-    closes round 0 and attests a garbage digest at once: the honest nodes stop on the mismatch
-    (by design) — until the admin removes B; restarted, they resume from the chain and finish.
-    Every replica ends with the same model, and A's update is in none of them."""
+    closes round 0 and attests a garbage digest at once: the honest nodes log it and go on (3 of the
+    4 active members attest their digest), none stops; the admin removes B so that the later rounds
+    close without it. Every replica ends with the same model, and A's update is in none of them."""
     from drills import toy_source
 
     from medchain.chain import dev_accounts
@@ -422,19 +422,14 @@ def test_hostile_members_cannot_stall_or_steer_institution_processes(tmp_path, c
         d0, p0 = payload(0.0)
         lb.submit_update(0, d0, layout.size, 1, p0)                  # closes round 0 ...
         lb.attest(0, hashlib.sha256(b"garbage").digest())            # ... and attests garbage at once
-        dep.wait_for(lambda: not any(n.running for n in dep.nodes) or reader.submitted_count(1) == 3, 120,
-                     "the nodes to stop on the mismatch (or to wait in round 1)", tolerate=(0, 1, 2))
-        halted = [n.index for n in dep.nodes if not n.running]
-        assert halted, "no node noticed the garbage attestation"
-        for i in halted:
-            assert dep.nodes[i].proc.returncode == 1
-            assert "institutions disagree on the global model" in dep.nodes[i].log_tail()
+        dissent = f"member {b.address} attested a global digest other than this node's"
+        dep.wait_for(lambda: any(dissent in n.log_tail(200_000) for n in dep.nodes), 120,
+                     "an honest node to log the garbage attestation")   # a node that stops fails this wait
         dep.ledger.remove_member(b.address)
         with pytest.raises(NotAMember):
             la.submit_update(1, d, layout.size, cap, p)
-        for i in halted:
-            dep.nodes[i].start()                                     # restarted: resumes from the chain
         assert dep.wait(300) == {0: 0, 1: 0, 2: 0}
+        assert not any("institutions disagree" in n.log_tail(200_000) for n in dep.nodes)
         finals = {m["final_digest"] for n in dep.nodes for m in n.metrics() if m["event"] == "final"}
         observer = rebuild_global(reader, partition(load_dataset(src), 3, "iid", seed=0)[0], 2)
         assert finals == {observer.global_digest().hex()} == {reader.majority_digest(cfg.rounds - 1).hex()}
