@@ -130,3 +130,22 @@ def test_anvil_sigkill_mid_run_resumes_from_its_periodic_state_bit_identical(tmp
         assert reader.majority_digest(cfg.rounds - 1) == ref.final_digest
         logs = "".join(p.log_tail(20000) for p in dep.nodes)
         assert "unreachable" in logs and "retrying in" in logs
+
+
+def test_a_state_dump_truncated_by_a_crash_falls_back_to_the_last_complete_one(tmp_path):
+    """anvil rewrites its --state file in place; a SIGKILL mid-write leaves it truncated (seen in CI:
+    "EOF while parsing"). The start puts the last complete dump back; without one it says what to do."""
+    from medchain.chain.anvil import AnvilNode
+
+    state = tmp_path / "chain-state.json"
+    node = AnvilNode(31337, state_file=state, state_interval=1)
+    complete = b'{"block": {"number": "0x5"}, "accounts": {}}'
+    state.write_bytes(complete[:17])                                  # truncated by the crash
+    with pytest.raises(RuntimeError, match="not complete JSON.*move it away"):
+        node._restore_state()
+    assert state.read_bytes() == complete[:17]                        # nothing lost
+    node.complete_state_file.write_bytes(complete)
+    node._restore_state()
+    assert state.read_bytes() == complete
+    node._restore_state()                                             # a complete file is left alone
+    assert state.read_bytes() == complete

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -151,6 +152,7 @@ class AnvilNode:
         self._proc: subprocess.Popen | None = None
         self._finalizer = None
         self._err_file = None
+        self._keeper: tuple[threading.Thread, threading.Event] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -179,6 +181,7 @@ class AnvilNode:
         if self.requested_port and _port_in_use(self.host, self.requested_port):
             raise RuntimeError(f"port {self.requested_port} on {self.host} is already in use (another node or "
                                "service?); choose another --port, or omit it for free ports")
+        self._restore_state()
         attempts = 1 if self.requested_port else 3
         last_err = ""
         for _ in range(attempts):
@@ -219,6 +222,11 @@ class AnvilNode:
                 self._proc, self.port, self._err_file = proc, port, err_file
                 self._finalizer = weakref.finalize(self, _terminate, proc)
                 log.info("anvil chain %d at %s (pid %d)", self.chain_id, url, proc.pid)
+                if self.state_interval:
+                    stop = threading.Event()
+                    keeper = threading.Thread(target=self._keep_complete_dumps, args=(stop,), daemon=True)
+                    keeper.start()
+                    self._keeper = (keeper, stop)
                 return self
             else:
                 _terminate(proc)
@@ -233,8 +241,46 @@ class AnvilNode:
             self._proc.wait(timeout=10)
         self.stop()
 
+    # ------------------------------------------------------------------ state dumps
+    @property
+    def complete_state_file(self) -> Path | None:
+        """The last periodic state dump that was a complete JSON document (kept beside the state file)."""
+        return self.state_file.with_suffix(".complete.json") if self.state_file is not None else None
+
+    def _keep_complete_dumps(self, stop: threading.Event) -> None:
+        """Copy each complete periodic dump aside (atomic rename): anvil rewrites the state file in
+        place, so a crash in the middle of a write leaves it truncated."""
+        last = None
+        while not stop.wait(self.state_interval / 2):
+            data = _complete_json(self.state_file)
+            if data is not None and data != last:
+                tmp = self.complete_state_file.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, self.complete_state_file)
+                last = data
+
+    def _restore_state(self) -> None:
+        """Before a start from a state file that a crash truncated: put the last complete dump back
+        (the chain then lacks at most the blocks of one state interval — nodes recover from that)."""
+        if self.state_file is None or not self.state_file.exists() or _complete_json(self.state_file) is not None:
+            return
+        good = _complete_json(self.complete_state_file)
+        if good is None:
+            raise RuntimeError(f"the chain's state file {self.state_file} is not complete JSON (a crash while anvil "
+                               f"wrote it?) and there is no complete earlier dump ({self.complete_state_file}); "
+                               "move it away to start an empty chain")
+        log.warning("state file %s is truncated (a crash while anvil wrote it); starting from the last complete "
+                    "dump %s", self.state_file, self.complete_state_file)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_bytes(good)
+        os.replace(tmp, self.state_file)
+
     def stop(self) -> None:
         """Stop the node (writing its state file, if any)."""
+        if self._keeper is not None:
+            self._keeper[1].set()
+            self._keeper[0].join(timeout=5)
+            self._keeper = None
         if self._finalizer is not None:
             self._finalizer()  # runs _terminate once
             self._finalizer = None
@@ -249,6 +295,16 @@ class AnvilNode:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _complete_json(path: Path) -> bytes | None:
+    """The file's bytes if they are a complete JSON document; None if missing or truncated."""
+    try:
+        data = path.read_bytes()
+        json.loads(data)
+    except (OSError, ValueError):
+        return None
+    return data
 
 
 def start_nodes(n: int, base_chain_id: int = 31337, *, state_dir: str | os.PathLike | None = None,
