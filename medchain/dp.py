@@ -12,7 +12,8 @@ chain) — every number it uses is on chain. :func:`dp_train_epochs` trains and 
 to the institution's accountant, whose ε at the end of the task is the ε on chain
 (tests/test_dp.py checks it).
 
-Per-sample gradients need a model without BatchNorm: DP tasks use the ``cnn_gn`` (GroupNorm).
+Per-sample gradients need a model without BatchNorm: claim 2's DP tasks use the ``cnn_tanh``
+(Papernot et al. 2021; the GroupNorm ``cnn_gn`` works too but does not learn in the task's budget).
 The noise is drawn from a seeded generator so that runs are reproducible (Opacus's
 ``secure_mode=False``); the attacks never use that seed, but a deployment should draw it securely.
 """
@@ -94,8 +95,8 @@ def check_dp_model(model: nn.Module, name: str) -> None:
 
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        raise ValueError(f"model {name!r} cannot train with DP-SGD ({str(errors[0]).split('.')[0]}); use model 'cnn_gn' "
-                         "(the cnn with GroupNorm)")
+        raise ValueError(f"model {name!r} cannot train with DP-SGD ({str(errors[0]).split('.')[0]}); use model 'cnn_tanh' "
+                         "(the DP literature's tanh CNN) or 'cnn_gn' (the cnn with GroupNorm)")
 
 
 def dp_train_epochs(model: nn.Module, data: ImageSet, cfg: TrainConfig, dp: DPPlan, accountant, *,

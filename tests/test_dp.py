@@ -48,10 +48,11 @@ def test_plan_refuses_bad_budgets():
         plan(1.0, 10, batch_size=4, rounds=1, local_epochs=1, max_grad_norm=1.0, delta=1.5)
 
 
-def test_batchnorm_cnn_is_refused_and_the_groupnorm_cnn_accepted():
-    with pytest.raises(ValueError, match="cnn_gn"):
+def test_batchnorm_cnn_is_refused_and_the_groupnorm_and_tanh_cnns_accepted():
+    with pytest.raises(ValueError, match="cnn_tanh"):
         check_dp_model(build_model("cnn", 1, 2, 0), "cnn")
     check_dp_model(build_model("cnn_gn", 1, 2, 0), "cnn_gn")
+    check_dp_model(build_model("cnn_tanh", 1, 2, 0), "cnn_tanh")
 
 
 def test_training_charges_every_step_to_the_accountant_and_is_deterministic():

@@ -6,7 +6,8 @@ import torch
 from medchain.models import build_model, count_parameters, create_model, list_models
 
 
-@pytest.mark.parametrize("name,chans,classes", [("cnn", 1, 3), ("cnn", 3, 2), ("lenet", 1, 2), ("lenet", 3, 8)])
+@pytest.mark.parametrize("name,chans,classes", [("cnn", 1, 3), ("cnn", 3, 2), ("lenet", 1, 2), ("lenet", 3, 8),
+                                                  ("cnn_tanh", 1, 2), ("cnn_tanh", 3, 5)])
 def test_models_map_images_to_logits(name, chans, classes):
     model = create_model(name, chans, classes)
     out = model(torch.zeros(4, chans, 28, 28))
@@ -14,6 +15,16 @@ def test_models_map_images_to_logits(name, chans, classes):
     # every model exposes the parts that transfer (features) and personalization (head) rely on
     assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == classes
     assert hasattr(model, "features")
+
+
+def test_tanh_cnn_is_the_dp_literatures_model_at_any_image_size():
+    """Papernot et al. 2021's MNIST model: 16 8×8 and 32 4×4 strided filters, 32 hidden, ~28k
+    parameters; no normalisation, so DP-SGD can train it; other image sizes reach the same head."""
+    m = create_model("cnn_tanh", 1, 2)
+    assert count_parameters(m) == 1040 + 8224 + 16416 + 66
+    assert not any(isinstance(x, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) for x in m.modules())
+    for size in (16, 28, 64):
+        assert m(torch.zeros(2, 1, size, size)).shape == (2, 2)
 
 
 def test_default_cnn_has_about_100k_parameters():

@@ -170,7 +170,7 @@ def test_each_defence_is_costed_against_its_own_models_no_defence_run():
     cfg = CollabConfig()
     refs = {k: P.reference_of(k, P.DEFENCES, cfg) for k in P.DEFENCES}
     assert refs["none"] == "none" and refs["partial_largest"] == "none" and refs["bn_local"] == "none"
-    assert refs["dp_eps1"] == refs["dp_eps3"] == refs["dp_eps8"] == refs["none_gn"] == "none_gn"
+    assert refs["dp_eps1"] == refs["dp_eps3"] == refs["dp_eps8"] == refs["none_tanh"] == "none_tanh"
     assert {P._config(cfg, P.DEFENCES[k]).dp_epsilon for k in ("dp_eps8", "dp_eps3", "dp_eps1")} == {8.0, 3.0, 1.0}
     assert P.reference_of("dp_eps3", {"dp_eps3": P.DEFENCES["dp_eps3"]}, cfg) is None
 

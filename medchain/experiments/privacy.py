@@ -25,8 +25,8 @@ defence run on the same partition and seeds:
   same federated way (:mod:`medchain.experiments.update_membership`).
 
 DP-SGD (``dp_epsilon``, :mod:`medchain.dp`) needs a model without BatchNorm: its points and their
-no-defence reference ``none_gn`` use the ``cnn_gn`` (the cnn with GroupNorm); the other defences
-the BatchNorm ``cnn`` the task trains. Each defence's ACC cost is taken against the no-defence run
+no-defence reference ``none_tanh`` use the ``cnn_tanh`` (Papernot et al. 2021's DP model) with SGD;
+the other defences the BatchNorm ``cnn`` the task trains. Each defence's ACC cost is taken against the no-defence run
 of its own model (:func:`reference_of`).
 """
 from __future__ import annotations
@@ -67,11 +67,12 @@ DEFENCES = {
     "partial_clip_noise": {"theta_u": 0.1, "select_rule": "largest", "gamma": 1e-3, "sigma": 1e-3,
                            "bn_stats": "local"},
     # DP-SGD needs per-sample gradients, which BatchNorm does not have: the DP points and their own
-    # no-defence reference use the cnn with GroupNorm (same convolutions and size, no statistics)
-    "none_gn": {"model": "cnn_gn", "theta_u": 1.0},
-    "dp_eps8": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 8.0},
-    "dp_eps3": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 3.0},
-    "dp_eps1": {"model": "cnn_gn", "theta_u": 1.0, "dp_epsilon": 1.0},
+    # no-defence reference use the tanh CNN of the DP literature (no normalisation), trained with
+    # SGD as DP-SGD is; lr 0.5 (momentum 0.9) from a seed-0 pilot of 12 rounds (results/README.md)
+    "none_tanh": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5},
+    "dp_eps8": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 8.0},
+    "dp_eps3": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 3.0},
+    "dp_eps1": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 1.0},
 }
 
 #: What the literature spends per image, for the record (Geiping et al. 2020: 24 000 Adam
@@ -156,8 +157,8 @@ def defence_runs(institutions: list[InstitutionData], n_classes: int, cfg: Colla
                 for ix in (i.last_upload[0] for i in res.institutions)]
         spent = [i.accountant.get_epsilon(i.dp_plan.delta) for i in res.institutions if i.dp_plan is not None]
         rows.append({"defence": name, **{k: over.get(k, c.to_dict()[k]) for k in
-                                         ("model", "theta_u", "select_rule", "gamma", "sigma", "bn_stats",
-                                          "dp_epsilon")},
+                                         ("model", "optimizer", "lr", "theta_u", "select_rule", "gamma",
+                                          "sigma", "bn_stats", "dp_epsilon")},
                      "dp_epsilon_spent": max(spent) if spent else None,
                      "dp_noise_multiplier": float(np.mean([i.dp_plan.noise_multiplier for i in res.institutions]))
                      if spent else None,

@@ -129,8 +129,8 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
     per_defence = {}
     for name, g in u.groupby("defence", sort=False):
         d = {m: stats.describe(g.sort_values("seed")[m].to_numpy()) for m in ("acc", "balanced_acc", "auc")}
-        d["settings"] = {k: g[k].iloc[0] for k in ("model", "theta_u", "select_rule", "gamma", "sigma", "bn_stats",
-                                                    "dp_epsilon") if k in g}
+        d["settings"] = {k: g[k].iloc[0] for k in ("model", "optimizer", "lr", "theta_u", "select_rule", "gamma",
+                                                    "sigma", "bn_stats", "dp_epsilon") if k in g}
         if "dp_epsilon_spent" in g and g.dp_epsilon_spent.notna().any():
             d["dp"] = {"epsilon_spent_max": float(g.dp_epsilon_spent.max()),
                        "noise_multiplier_mean": float(g.dp_noise_multiplier.mean())}
