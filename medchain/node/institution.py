@@ -272,7 +272,7 @@ class InstitutionNode(AvailabilityDuty, HostileActs, NodeReporting):
             self._unsettled.pop(r, None)
             return
         self._unsettled[r] = digest
-        if all(a.member != self.me for a in self.ledger.attestations(r)):
+        if self.me not in agreement.attesters:
             # my attestation went with blocks the chain lost (restored from an older state dump):
             # without it the honest majority may never form
             log.warning("round %d: my attestation is no longer on chain; attesting again", r)

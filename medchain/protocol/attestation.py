@@ -8,6 +8,7 @@ waits while no digest has that majority, and stops only when another digest has 
 the others, computed something else)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -19,9 +20,11 @@ class AttestationMismatchError(RuntimeError):
 class Agreement:
     """What the attestations of one round say about this node's digest.
     settled: nothing more to wait for (no dissent so far, or a strict majority of the active members
-    attested this node's digest); dissenters: accounts whose attestation differs from it."""
+    attested this node's digest); dissenters: accounts whose attestation differs from it;
+    attesters: every account whose attestation counted (active members only)."""
     settled: bool
     dissenters: tuple[str, ...] = ()
+    attesters: tuple[str, ...] = ()
 
 
 def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = None) -> Agreement:
@@ -34,23 +37,21 @@ def check_attestations(ledger, r: int, expected: bytes, n_members: int | None = 
     `expected`, pending (settled False) while no digest has such a majority, and an
     :class:`AttestationMismatchError` once another digest has it."""
     atts = ledger.attestations(r)
+    m = len(atts)                     # a ledger without a member list: every attester counts
     if hasattr(ledger, "members"):
         active = set(ledger.members())
         atts = [a for a in atts if a.member in active]
+        m = len(active)
     bad = [a for a in atts if a.digest != expected]
+    attesters = tuple(a.member for a in atts)
     if n_members is None:
-        if not bad:
-            return Agreement(True)
-        m = len(active) if hasattr(ledger, "members") else len(atts)
-        if 2 * (len(atts) - len(bad)) > m:
-            return Agreement(True, tuple(a.member for a in bad))
-        counts: dict[bytes, int] = {}
-        for a in bad:
-            counts[a.digest] = counts.get(a.digest, 0) + 1
-        if not any(2 * c > m for c in counts.values()):
-            return Agreement(False, tuple(a.member for a in bad))
+        dissenters = tuple(a.member for a in bad)
+        if not bad or 2 * (len(atts) - len(bad)) > m:
+            return Agreement(True, dissenters, attesters)
+        if not any(2 * c > m for c in Counter(a.digest for a in bad).values()):
+            return Agreement(False, dissenters, attesters)
     elif not bad and len(atts) == n_members:
-        return Agreement(True)
+        return Agreement(True, (), attesters)
     detail = ", ".join(f"{a.member}: {a.digest.hex()[:16]}…" for a in atts)
     of = f" of {n_members}" if n_members is not None else ""
     who = ("a majority of the members attested another digest; " if n_members is None else "")
