@@ -161,11 +161,11 @@ def summarize_seeds(seed_runs: list[dict], *, decide: str = "partial_largest", r
 # --------------------------------------------------------------------------------------------
 # figures
 
-def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
+def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame, task_model: str = "cnn"):
     """Privacy–utility frontier, one point per defence (same chain and seeds): ACC (mean and 95 % t
     interval over seeds) against (a) the mean re-identification percentile (0.5 = chance) and (b)
-    the median per-image PSNR (the mean image's median as a line). Circles: the BatchNorm cnn;
-    squares: the GroupNorm cnn (DP-SGD and its no-defence reference)."""
+    the median per-image PSNR (the mean image's median as a line). Circles: the task's model (the
+    BatchNorm cnn); squares: any other model (DP-SGD's family and its no-defence reference)."""
     table = leakage_table(leak[leak.setting == "protocol"]).set_index("defence")
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
     for name, g in utility.groupby("defence", sort=False):
@@ -174,7 +174,7 @@ def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
         d = stats.describe(g.acc.to_numpy())
         err = None if not np.isfinite(d["ci_low"]) else [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]]
         model = g.model.iloc[0] if "model" in g else ""
-        fmt = "s" if str(model).endswith("_gn") else "o"          # squares: the GroupNorm cnn (DP-SGD's family)
+        fmt = "o" if model == task_model else "s"
         for ax, x in zip(axes, (table.loc[name, "reid_percentile_mean"], table.loc[name, "psnr_median"])):
             ax.errorbar([x], [d["mean"]], yerr=err, fmt=fmt, capsize=3, label=f"{name} ({model})" if model else name)
             ax.annotate(name, (x, d["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -187,8 +187,9 @@ def plot_frontier(utility: pd.DataFrame, leak: pd.DataFrame):
         ax.set_ylabel("pooled test ACC (95 % interval over seeds)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("privacy–utility frontier: the protocol's updates of the trained cnn (○ BatchNorm, □ GroupNorm)",
-                 fontsize=10)
+    others = sorted({str(m) for m in utility.get("model", pd.Series(dtype=str)).unique()} - {task_model})
+    fig.suptitle(f"privacy–utility frontier: the protocol's updates of the trained models (○ {task_model}"
+                 + (f", □ {', '.join(others)})" if others else ")"), fontsize=10)
     fig.tight_layout()
     return fig
 
