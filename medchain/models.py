@@ -95,7 +95,8 @@ class TanhCNN(nn.Module):
     differential privacy", their MNIST model; Opacus's MNIST example): two strided convolutions
     (16 filters 8×8, 32 filters 4×4) and one hidden linear layer of 32, tanh activations, no
     normalisation — bounded activations keep clipped per-sample gradients informative, and with no
-    BatchNorm or GroupNorm every image's gradient is its own. About 26k parameters (25,746 for 1 channel and 2 classes).
+    BatchNorm or GroupNorm every image's gradient is its own. About 26k parameters (25,746 for 1
+    channel and 2 classes).
     Input (B, C, H, W) float, H, W ≥ 16 (28×28 reaches the linear layer as 32×4×4 unchanged; other
     sizes are average-pooled to 4×4 there); output logits (B, num_classes)."""
 
