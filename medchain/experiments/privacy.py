@@ -57,6 +57,11 @@ from medchain.training import TrainConfig, to_tensor, train_epochs
 __all__ = ["DEFENCES", "reference_of", "defence_runs", "pick_images", "protocol_leakage", "worst_case_leakage",
            "membership_sweep", "update_membership", "mean_image", "run_seed", "ATTACK_BUDGET"]
 
+# DP-SGD needs per-sample gradients, which BatchNorm does not have: the DP points and their own
+# no-defence reference use the tanh CNN of the DP literature (no normalisation), trained with SGD
+# as DP-SGD is; lr 0.5 (momentum 0.9) from a seed-0 pilot of 12 rounds (results/README.md)
+_DP_FAMILY = {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5}
+
 #: The defences compared on the same chain and seeds (CollabConfig overrides).
 DEFENCES = {
     "none": {"theta_u": 1.0, "bn_stats": "shared"},
@@ -66,13 +71,8 @@ DEFENCES = {
     "partial_largest_bn_local": {"theta_u": 0.1, "select_rule": "largest", "bn_stats": "local"},
     "partial_clip_noise": {"theta_u": 0.1, "select_rule": "largest", "gamma": 1e-3, "sigma": 1e-3,
                            "bn_stats": "local"},
-    # DP-SGD needs per-sample gradients, which BatchNorm does not have: the DP points and their own
-    # no-defence reference use the tanh CNN of the DP literature (no normalisation), trained with
-    # SGD as DP-SGD is; lr 0.5 (momentum 0.9) from a seed-0 pilot of 12 rounds (results/README.md)
-    "none_tanh": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5},
-    "dp_eps8": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 8.0},
-    "dp_eps3": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 3.0},
-    "dp_eps1": {"model": "cnn_tanh", "theta_u": 1.0, "optimizer": "sgd", "lr": 0.5, "dp_epsilon": 1.0},
+    "none_tanh": dict(_DP_FAMILY),
+    **{f"dp_eps{eps:g}": {**_DP_FAMILY, "dp_epsilon": eps} for eps in (8.0, 3.0, 1.0)},
 }
 
 #: What the literature spends per image, for the record (Geiping et al. 2020: 24 000 Adam
