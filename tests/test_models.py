@@ -18,7 +18,7 @@ def test_models_map_images_to_logits(name, chans, classes):
 
 
 def test_tanh_cnn_is_the_dp_literatures_model_at_any_image_size():
-    """Papernot et al. 2021's MNIST model: 16 8×8 and 32 4×4 strided filters, 32 hidden, ~28k
+    """Papernot et al. 2021's MNIST model: 16 8×8 and 32 4×4 strided filters, 32 hidden, ~26k
     parameters; no normalisation, so DP-SGD can train it; other image sizes reach the same head."""
     m = create_model("cnn_tanh", 1, 2)
     assert count_parameters(m) == 1040 + 8224 + 16416 + 66

@@ -26,8 +26,8 @@ defence run on the same partition and seeds:
 
 DP-SGD (``dp_epsilon``, :mod:`medchain.dp`) needs a model without BatchNorm: its points and their
 no-defence reference ``none_tanh`` use the ``cnn_tanh`` (Papernot et al. 2021's DP model) with SGD;
-the other defences the BatchNorm ``cnn`` the task trains. Each defence's ACC cost is taken against the no-defence run
-of its own model (:func:`reference_of`).
+the other defences the BatchNorm ``cnn`` the task trains. Each defence's ACC cost is taken against
+the no-defence run of its own model (:func:`reference_of`).
 """
 from __future__ import annotations
 

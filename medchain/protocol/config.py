@@ -59,7 +59,8 @@ class CollabConfig:
     DP-SGD per institution (:mod:`medchain.dp`, Opacus): dp_epsilon — every institution trains
     with per-sample clipping at dp_max_grad_norm and Gaussian noise calibrated by the RDP
     accountant so that the whole task spends this ε at δ = dp_delta (None: 1/n, n = the sample
-    count its updates report on chain); None: no DP. Needs a model without BatchNorm (``cnn_tanh``, ``cnn_gn``).
+    count its updates report on chain); None: no DP. Needs a model without BatchNorm
+    (``cnn_tanh``, ``cnn_gn``).
     The policy as a whole, grouped by what it decides: :func:`medchain.protocol.policy.policy_sections`.
     """
 
